@@ -1,0 +1,1 @@
+"""One module per `focusing` sub-command (discovered by `focusing.cli`)."""

@@ -1,0 +1,1 @@
+"""The data side: surface sampling, voxelisation, corner TSDF, the preprocessing cache and its Dataset."""
