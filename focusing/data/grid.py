@@ -20,9 +20,9 @@ def voxel_centers(coords: torch.Tensor, resolution: int) -> torch.Tensor:
     return (xyz + 0.5) / resolution - 0.5
 
 
-def corner_positions(corners: torch.Tensor, resolution: int) -> torch.Tensor:
-    """[M, 3] float32 positions of grid corners `corners` [M, 4] (or [M, 3] xyz), each in 0..R."""
-    return corners[:, -3:].to(torch.float32) / resolution - 0.5
+def corner_positions(corners: torch.Tensor, resolution: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[M, 3] positions (float32 unless `dtype`) of grid corners `corners` [M, 4] (or [M, 3] xyz), each in 0..R."""
+    return corners[:, -3:].to(dtype) / resolution - 0.5
 
 
 def linearize(coords: torch.Tensor, extent: int) -> torch.Tensor:

@@ -140,7 +140,7 @@ def sparseflex_mesh(
     if n:
         consistency = consistency + (deform - corner_deform[v2c]).square().mean()
     corner_offset = torch.tanh(corner_deform) * (DEFORM_LIMIT / resolution)
-    corner_pos = corner_positions(corners, resolution).to(dtype) + corner_offset
+    corner_pos = corner_positions(corners, resolution, dtype) + corner_offset
     alpha_w, beta_w, gamma_w = weights_from_raw(alpha, beta, gamma.reshape(-1))
 
     with torch.no_grad():
