@@ -86,7 +86,7 @@ def test_normal_ssim():
     pred = n.clone().requires_grad_()
     loss = normal_ssim(pred, torch.roll(n, 3, dims=1), mask, mask)
     loss.backward()
-    assert float(loss) > 0.1 and pred.grad.abs().sum() > 0
+    assert float(loss.detach()) > 0.1 and pred.grad.abs().sum() > 0
 
 
 def test_flex_loss_sums_dev_and_consistency():
