@@ -1,0 +1,170 @@
+"""Generalised winding number of a triangle mesh (Jacobson et al. 2013): the inside/outside test for raw meshes.
+
+    w(q) = sum_T Omega_T(q) / (4 pi),
+
+Omega_T the signed solid angle of triangle T seen from q (Van Oosterom & Strackee). For a closed, outward-
+oriented mesh w is 1 inside and 0 outside; for open meshes, holes and inner structure it degrades gracefully
+(values in between, 0.5 on the surface and around small holes), which is why the TSDF sign uses w > 0.5.
+
+Two evaluators:
+- `exact`: every (point, triangle) pair, chunked. O(N F); the reference.
+- `tree` (Barnes-Hut, after Barill et al. 2018 "Fast winding numbers"): triangles are sorted along a Morton
+  curve into a complete binary tree with `leaf_size` triangles per leaf. Each node keeps its area-weighted
+  centroid p, bounding radius r (max distance from p to its vertices), area vector N = sum a_T n_T and first
+  moment M = sum a_T (c_T - p) n_T^T. A node seen from q at distance |R| > beta r, R = p - q, contributes the
+  far-field expansion of the double-layer integral to first order:
+
+      (1 / 4 pi) [ N . R / |R|^3 + tr(M) / |R|^3 - 3 R^T M R / |R|^5 ],
+
+  nearer nodes are opened, leaves that are still near are summed exactly. The error of a node's expansion is
+  O((r / |R|)^2) relative to its own contribution. Measured against `exact` with beta = 2 (default): max
+  |error| ~ 1e-3 to 1e-2 on the tests' real meshes (fertility, fandisk, lilium_surface; see tests/test_tsdf.py),
+  far below what could flip the 0.5 threshold except within a hair of the surface, where the TSDF is ~0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from focusing.io.mesh import Mesh
+
+DEFAULT_BETA = 2.0
+EXACT_PAIRS = 1 << 23
+"""`method="auto"` evaluates exactly when points x triangles is at most this."""
+
+
+def solid_angle(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Signed solid angle [...] of triangles with vertices a, b, c [..., 3] given relative to the viewpoint.
+
+    Positive when the viewpoint is on the side the normal (b - a) x (c - a) points away from. 0 (not NaN)
+    when the viewpoint is on a vertex or an edge.
+    """
+    la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
+    det = (a * torch.linalg.cross(b, c, dim=-1)).sum(-1)
+    den = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
+    return 2.0 * torch.atan2(det, den)
+
+
+def _triangles(mesh: Mesh, device: torch.device) -> torch.Tensor:
+    """[F, 3, 3] float64 triangle vertices on `device`."""
+    vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64, device=device)
+    return vertices[torch.as_tensor(mesh.faces, device=device)]
+
+
+def _exact(tris: torch.Tensor, points: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Sum of solid angles / 4 pi over all triangles [F, 3, 3] for points [N, 3], chunked to `pairs` pairs."""
+    out = torch.empty(len(points), dtype=torch.float64, device=points.device)
+    step = max(1, pairs // max(1, len(tris)))
+    for s in range(0, len(points), step):
+        rel = tris[None] - points[s : s + step, None, None, :]  # [n, F, 3, 3]
+        out[s : s + step] = solid_angle(rel[..., 0, :], rel[..., 1, :], rel[..., 2, :]).sum(1) / (4 * math.pi)
+    return out
+
+
+def _morton(xyz: torch.Tensor) -> torch.Tensor:
+    """[N] int64 Morton codes of points [N, 3] (10 bits per axis over their bounding box)."""
+    lo, hi = xyz.amin(0), xyz.amax(0)
+    q = ((xyz - lo) / (hi - lo).clamp_min(1e-30) * 1023).round().to(torch.int64)
+    for shift, mask in ((16, 0x030000FF), (8, 0x0300F00F), (4, 0x030C30C3), (2, 0x09249249)):
+        q = (q | (q << shift)) & mask
+    return q[:, 0] | (q[:, 1] << 1) | (q[:, 2] << 2)
+
+
+class WindingTree:
+    """Barnes-Hut evaluator of the winding number (see the module docstring). Build once, query many times.
+
+    Memory: the Morton-sorted triangles padded to leaf_size * 2^depth ([Fp, 3, 3] float64) plus 16 floats per
+    node (2 Fp / leaf_size nodes).
+    """
+
+    def __init__(self, mesh: Mesh, *, leaf_size: int = 8, device: str | torch.device | None = None):
+        device = torch.device(device or "cpu")
+        tris = _triangles(mesh, device)
+        tris = tris[torch.argsort(_morton(tris.mean(1)))]
+        self.leaf_size = leaf_size
+        self.depth = max(0, math.ceil(math.log2(max(1, math.ceil(len(tris) / leaf_size)))))
+        padding = leaf_size * (1 << self.depth) - len(tris)
+        # Padding triangles collapse onto a real vertex: zero area, zero solid angle, no effect on any radius.
+        self.tris = torch.cat([tris, tris[-1:, :1].expand(padding, 3, 3)])
+        area_vec = 0.5 * torch.linalg.cross(self.tris[:, 1] - self.tris[:, 0], self.tris[:, 2] - self.tris[:, 0])
+        area = area_vec.norm(dim=1)
+        centroid = self.tris.mean(1)
+        moment = centroid[:, :, None] * area_vec[:, None, :]  # [Fp, 3, 3] c_T n_T^T a_T
+        self.levels = []  # per level: centre [n, 3], radius [n], area vector [n, 3], moment [n, 3, 3]
+        for level in range(self.depth + 1):
+            n = 1 << level
+            a = area.view(n, -1).sum(1)
+            mean = centroid.view(n, -1, 3).mean(1)
+            centre = torch.where(
+                (a > 0)[:, None], (area[:, None] * centroid).view(n, -1, 3).sum(1) / a.clamp_min(1e-300)[:, None], mean
+            )
+            radius = (self.tris.view(n, -1, 3) - centre[:, None]).norm(dim=-1).amax(1)
+            vec = area_vec.view(n, -1, 3).sum(1)
+            mom = moment.view(n, -1, 3, 3).sum(1) - centre[:, :, None] * vec[:, None, :]
+            self.levels.append((centre, radius, vec, mom))
+
+    def __call__(self, points: torch.Tensor, *, beta: float = DEFAULT_BETA, chunk: int | None = None) -> torch.Tensor:
+        """Winding numbers [N] float64 of points [N, 3] (on the tree's device)."""
+        points = points.to(self.tris.device, torch.float64)
+        chunk = chunk or (1 << 16 if points.device.type == "cuda" else 1 << 12)
+        out = torch.zeros(len(points), dtype=torch.float64, device=points.device)
+        for s in range(0, len(points), chunk):
+            out[s : s + chunk] = self._evaluate(points[s : s + chunk], beta)
+        return out / (4 * math.pi)
+
+    def _evaluate(self, q: torch.Tensor, beta: float) -> torch.Tensor:
+        """4 pi times the winding numbers of a chunk of points q [P, 3]."""
+        acc = torch.zeros(len(q), dtype=torch.float64, device=q.device)
+        qi = torch.arange(len(q), device=q.device)
+        node = torch.zeros_like(qi)
+        for level, (centre, radius, vec, mom) in enumerate(self.levels):
+            r = centre[node] - q[qi]  # [K, 3]
+            d2 = (r * r).sum(1)
+            far = d2 > (beta * radius[node]) ** 2
+            if far.any():
+                rf, nf, d2f = r[far], node[far], d2[far]
+                inv3 = d2f.rsqrt() / d2f
+                m = mom[nf]
+                trace = m.diagonal(dim1=1, dim2=2).sum(1)
+                rmr = torch.einsum("ki,kij,kj->k", rf, m, rf)
+                acc.index_add_(0, qi[far], ((vec[nf] * rf).sum(1) + trace - 3 * rmr / d2f) * inv3)
+            qi, node = qi[~far], node[~far]
+            if level < self.depth:
+                qi = qi.repeat_interleave(2)
+                node = (node[:, None] * 2 + torch.arange(2, device=q.device)).reshape(-1)
+        # Leaves still near: exact sum over their triangles.
+        offsets = torch.arange(self.leaf_size, device=q.device)
+        step = max(1, (1 << 20) // self.leaf_size)
+        for s in range(0, len(qi), step):
+            tri = self.tris[node[s : s + step, None] * self.leaf_size + offsets]  # [K, L, 3, 3]
+            rel = tri - q[qi[s : s + step], None, None, :]
+            acc.index_add_(0, qi[s : s + step], solid_angle(rel[..., 0, :], rel[..., 1, :], rel[..., 2, :]).sum(1))
+        return acc
+
+
+def winding_number(
+    mesh: Mesh,
+    points,
+    *,
+    method: str = "auto",
+    beta: float = DEFAULT_BETA,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Generalised winding numbers [N] float64 of points [N, 3] (tensor or array) w.r.t. `mesh`.
+
+    method: "exact" (all pairs), "tree" (Barnes-Hut, `beta` = opening ratio) or "auto" (exact when
+    N * F <= EXACT_PAIRS, else tree). Runs on `device` (default: the points' device, or CPU for arrays).
+    """
+    if device is None:
+        device = points.device if isinstance(points, torch.Tensor) else "cpu"
+    device = torch.device(device)
+    points = torch.as_tensor(points, dtype=torch.float64, device=device).reshape(-1, 3)
+    if method == "auto":
+        method = "exact" if len(points) * len(mesh.faces) <= EXACT_PAIRS else "tree"
+    if method == "exact":
+        return _exact(_triangles(mesh, device), points, 1 << 22 if device.type == "cuda" else 1 << 20)
+    if method == "tree":
+        return WindingTree(mesh, device=device)(points, beta=beta)
+    raise ValueError(f"unknown winding-number method {method!r} (exact, tree, auto)")
