@@ -1,0 +1,75 @@
+"""Interpolation with autograd: depth, face normal and mask at the covered pixels of a rasterised image.
+
+The rasteriser fixes which triangle each pixel sees (no gradient through visibility). Here, for the covered
+pixels only, the triangle's world vertices are gathered *with autograd*, projected with the camera, and the
+perspective-correct barycentrics of the pixel centre are recomputed (same homogeneous algebra as
+`focusing.render.raster.coverage`), so gradients reach the vertex positions:
+
+- depth: -z_camera of the 3D hit point sum_k b_k v_k (positive; 0 on the background),
+- normal: the unit face normal in **world space**, flipped to face the camera (dot(n, eye - v0) > 0; the sign
+  is constant over a triangle for a pinhole camera), 0 on the background,
+- mask: 1 where covered, 0 elsewhere (its gradients come from `focusing.render.antialias`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from focusing.render.camera import Camera
+
+Tensor = torch.Tensor
+
+
+def pixel_ndc(pix: Tensor, height: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat pixel indices [P] into [B, H, W] -> (camera index [P], NDC x [P], NDC y [P]) of the pixel centres."""
+    hw = height * width
+    b, r = pix // hw, pix % hw
+    px = (2 * (r % width) + 1).to(dtype) / width - 1
+    py = 1 - (2 * (r // width) + 1).to(dtype) / height
+    return b, px, py
+
+
+def project_points(points: Tensor, mvp: Tensor) -> Tensor:
+    """Points [P, K, 3] through per-row matrices `mvp` [P, 4, 4] -> clip coordinates [P, K, 4]."""
+    return points @ mvp[:, :, :3].transpose(1, 2) + mvp[:, None, :, 3]
+
+
+def barycentrics(clip: Tensor, px: Tensor, py: Tensor) -> Tensor:
+    """Perspective-correct barycentrics [P, 3] of pixel centres (px, py) [P] in triangles `clip` [P, 3, 4]."""
+    ax = clip[..., 0] - px[:, None] * clip[..., 3]
+    ay = clip[..., 1] - py[:, None] * clip[..., 3]
+    nxt, prv = [1, 2, 0], [2, 0, 1]
+    e = ax[:, nxt] * ay[:, prv] - ay[:, nxt] * ax[:, prv]   # E_k = a_{k+1} x a_{k+2}
+    s = e.sum(dim=1, keepdim=True)
+    return e / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def face_normals_toward(tri: Tensor, eye: Tensor) -> Tensor:
+    """Unit normals [P, 3] of triangles `tri` [P, 3, 3], flipped to face the points `eye` [P, 3]."""
+    n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    facing = ((eye - tri[:, 0]) * n).sum(-1, keepdim=True)
+    return torch.where(facing < 0, -n, n)
+
+
+def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor) -> Tensor:
+    """Differentiable G-buffer of a rasterised view.
+
+    vertices [V, 3] (float32/64, may require grad), faces [F, 3] long, tri_id [B, H, W] from `rasterize`.
+    Returns [B, H, W, 5] = (depth, normal xyz, mask), zero on the background, in `vertices`' dtype.
+    """
+    n_cam, height, width = tri_id.shape
+    flat = tri_id.reshape(-1)
+    pix = torch.nonzero(flat >= 0).squeeze(1)
+    tri = flat[pix]
+    b, px, py = pixel_ndc(pix, height, width, vertices.dtype)
+    corners = vertices[faces[tri]]                                        # [P, 3, 3]
+    mvp = camera.mvp()
+    bary = barycentrics(project_points(corners, mvp[b]), px, py)          # [P, 3]
+    point = (bary[..., None] * corners).sum(1)                            # [P, 3]
+    view_z = camera.view[b, 2]                                            # [P, 4]
+    depth = -((point * view_z[:, :3]).sum(-1) + view_z[:, 3])
+    normal = face_normals_toward(corners, camera.eye[b])
+    values = torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
+    out = vertices.new_zeros(n_cam * height * width, 5).index_put((pix,), values)
+    return out.view(n_cam, height, width, 5)
