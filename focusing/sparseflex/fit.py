@@ -45,8 +45,8 @@ class FitConfig:
     camera_radius: float = 2.5
     fov_deg: float = 40.0
     dilation: int = 1
-    lr_sdf: float = 0.02  # voxel units per step
-    lr_deform: float = 0.01
+    lr_sdf: float = 0.01  # voxel units per step
+    lr_deform: float = 0.02
     lr_weights: float = 0.02
     w_depth: float = 1.0  # on depth errors measured in voxels
     w_normal: float = 1.0
@@ -145,18 +145,35 @@ def fit_mesh(
 ) -> Mesh:
     """Fit a SparseFlex field at `resolution` to `mesh` (normalised frame) by render loss; returns the mesh
     extracted with the inference split, in the normalised frame. `steps` overrides `config.steps`."""
+    config = config or FitConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    field, target = init_field(mesh, resolution, config, device)
+    optimize_field(field, target, mesh, config, steps=steps, seed=seed, progress=progress)
+    with torch.no_grad():
+        return result_mesh(field.extract(training=False))
+
+
+def optimize_field(
+    field: SparseFlexField,
+    target: torch.Tensor,
+    mesh: Mesh,
+    config: FitConfig,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> None:
+    """Steps 3-4 of the recipe, in place: Adam on `field` against renders of `mesh`; `target` [M] is the
+    corner TSDF in voxel units for the warm-up."""
     from tqdm import tqdm
 
     from focusing import losses
     from focusing.render import render_mesh
 
-    config = config or FitConfig()
     steps = config.steps if steps is None else steps
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = field.sdf.device
     generator = torch.Generator().manual_seed(seed)
-    R = resolution
-
-    field, target = init_field(mesh, R, config, device)
+    R = field.resolution
     neighbors = losses.corner_neighbors(field.corners)
     cams, gt_depth, gt_normal, gt_mask = _view_pool(mesh, config, device, generator)
     gt_full = gt_mask >= FULL_COVERAGE
@@ -187,8 +204,6 @@ def fit_mesh(
         optim.step()
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}", faces=len(res.faces))
-    with torch.no_grad():
-        return result_mesh(field.extract(training=False))
 
 
 def init_field(mesh: Mesh, resolution: int, config: FitConfig, device: torch.device):
@@ -207,10 +222,3 @@ def result_mesh(res: SparseFlexResult) -> Mesh:
     if len(res.faces) == 0:
         raise FocusingError("SparseFlex extraction produced an empty mesh")
     return Mesh(res.vertices.detach().double().cpu().numpy(), res.faces.cpu().numpy())
-
-
-def initial_mesh(mesh: Mesh, resolution: int, *, device=None, config: FitConfig | None = None) -> Mesh:
-    """The mesh `fit_mesh` starts from (TSDF init, no optimisation), for comparisons."""
-    field, _ = init_field(mesh, resolution, config or FitConfig(), torch.device(device or "cpu"))
-    with torch.no_grad():
-        return result_mesh(field.extract(training=False))
