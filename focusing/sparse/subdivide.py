@@ -1,4 +1,4 @@
-"""Subdivision (each voxel -> its 8 children at twice the resolution) and occupancy lookups between structures."""
+"""Subdivision: each voxel -> its 8 children at twice the resolution."""
 
 from __future__ import annotations
 
@@ -33,14 +33,3 @@ def subdivide(x: SparseTensor, child_feats: torch.Tensor | None = None) -> tuple
         feats = permute_rows(child_feats.reshape(8 * n, *child_feats.shape[2:]), order, inverse)
     resolution = 2 * x.resolution if x.resolution is not None else None
     return SparseTensor(coords[order], feats, batch_size=x.batch_size, resolution=resolution), parent
-
-
-def occupancy(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """`[M]` bool: is each voxel of `query` `[M, 4]` present in `reference` `[K, 4]` (both int coords)?"""
-    if len(reference) == 0 or len(query) == 0:
-        return torch.zeros(len(query), dtype=torch.bool, device=query.device)
-    extent = int(torch.maximum(query[:, 1:].max(), reference[:, 1:].max()).item()) + 1
-    ref_keys = torch.sort(linearize(reference, extent)).values
-    keys = linearize(query, extent)
-    pos = torch.searchsorted(ref_keys, keys).clamp_(max=len(ref_keys) - 1)
-    return ref_keys[pos] == keys
