@@ -74,17 +74,18 @@ def test_gemm_chunked_equals_unchunked(monkeypatch):
 
 
 def test_backend_selection(monkeypatch):
-    assert resolve_backend(None) == "gemm"
-    monkeypatch.setenv("FOCUSING_CONV_BACKEND", "scatter")
-    assert resolve_backend(None) == "scatter"
-    assert resolve_backend("gemm") == "gemm"
+    assert resolve_backend(None, "cpu") == "scatter" and resolve_backend(None, "cuda") == "gemm"
+    monkeypatch.setenv("FOCUSING_CONV_BACKEND", "gemm")
+    assert resolve_backend(None, "cpu") == "gemm"
+    assert resolve_backend("scatter", "cuda") == "scatter"
     with pytest.raises(ValueError):
         resolve_backend("nope")
 
 
-def test_autocast_bfloat16_runs_in_bfloat16():
+@pytest.mark.parametrize("backend", ["gemm", "scatter"])
+def test_autocast_bfloat16_runs_in_bfloat16(backend):
     x = random_sparse(1, 8, 0.3, 8, seed=2)
-    layer = SubMConv3d(8, 8)
+    layer = SubMConv3d(8, 8, backend=backend)
     ref = layer(x).feats
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x).feats
@@ -115,7 +116,8 @@ def test_spconv_backend_matches(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["gemm", "scatter"])
-def test_cuda_matches_cpu(backend):
+def test_cuda_matches_cpu(backend, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x = random_sparse(2, 16, 0.2, 32, seed=17)
     layer = SubMConv3d(32, 48)
     feats = x.feats.clone().requires_grad_(True)
@@ -125,7 +127,6 @@ def test_cuda_matches_cpu(backend):
     layer_cuda.load_state_dict(layer.state_dict())
     feats_cuda = feats.detach().cuda().requires_grad_(True)
     x_cuda = SparseTensor(x.coords.cuda(), feats_cuda, batch_size=2)
-    torch.backends.cuda.matmul.allow_tf32 = False
     out = layer_cuda(x_cuda).feats
     grads = torch.autograd.grad(out.square().sum(), (feats_cuda, layer_cuda.weight))
     assert rel_err(out.cpu(), ref) < 1e-5
