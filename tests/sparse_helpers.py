@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from focusing.sparse import SparseTensor
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: one thread. (On a loaded 2-core box each multi-threaded tiny matmul can wait ~30 ms.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_coords(batch: int, extent: int, density: float, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sparse_helpers import random_coords, rel_err
+from sparse_helpers import random_coords, rel_err, single_thread  # noqa: F401 (autouse fixture)
 
 import focusing.sparse.attention as attention
 from focusing.sparse import SparseTensor, window_attention, window_partition

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from sparse_helpers import random_sparse, rel_err
+from sparse_helpers import random_sparse, rel_err, single_thread  # noqa: F401 (autouse fixture)
 
 from focusing.sparse import SparseTensor, SubMConv3d, neighbor_map, submanifold_conv3d
 from focusing.sparse.conv import kernel_offsets, resolve_backend, spconv_available
@@ -55,7 +55,7 @@ def test_gemm_gradcheck_float64():
     weight = torch.randn(3, 3, 3, 3, 2, dtype=torch.float64, requires_grad=True)
     feats = x.feats.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda f, w: submanifold_conv3d(x.replace(f), w, backend="gemm").feats, (feats, weight)
+        lambda f, w: submanifold_conv3d(x.replace(f), w, backend="gemm").feats, (feats, weight), fast_mode=True
     )
 
 
@@ -104,6 +104,7 @@ def test_spconv_backend_matches(device):
     feats = x.feats.clone().requires_grad_(True)
     ours = layer(x.replace(feats)).feats
     layer.backend = "spconv"
+    assert torch.get_num_threads() == 1  # spconv 2.3 CPU kernels race with >1 thread (wrong in ~1 of 20 calls)
     theirs = layer(x.replace(feats)).feats
     assert rel_err(theirs, ours) < 1e-5
     if device == "cpu":

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from sparse_helpers import random_sparse, rel_err
+from sparse_helpers import random_sparse, rel_err, single_thread  # noqa: F401 (autouse fixture)
 
 from focusing.data.grid import CORNER_OFFSETS
 from focusing.models import LocalPointNet, SelfPruningUpsample, SparseResBlock, SparseTransformer, SparseTransformerBlock

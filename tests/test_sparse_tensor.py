@@ -1,7 +1,7 @@
 """SparseTensor: batch layout, shared spatial cache, helpers; voxel lookups."""
 
 import torch
-from sparse_helpers import random_coords
+from sparse_helpers import random_coords, single_thread  # noqa: F401 (autouse fixture)
 
 from focusing.sparse import (
     SparseTensor,
