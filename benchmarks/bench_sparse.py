@@ -12,7 +12,7 @@ Voxels: the surface voxels of a sphere (radius 0.45) at the resolution that give
    the bucketed SDPA route on CPU) fwd+bwd, beside what the block adds around it: pack + unpack (one `[N, C]`
    gather each way, fwd+bwd) and the window partition (computed once per structure, shared by every block).
 3. conv: submanifold 3^3 conv fwd+bwd (CUDA: 192 ch, 1M voxels, autocast bf16; CPU: 64 ch, 50K): our implicit
-   GEMM and scatter backends, and spconv when it imports and runs (its failure is recorded, not fatal).
+   GEMM, scatter and (CUDA) Triton backends, and spconv when it imports and runs (a failure is recorded, not fatal).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from focusing.models import SparseTransformerBlock  # noqa: E402
 from focusing.sparse import SparseTensor, SubMConv3d, neighbor_map, window_partition  # noqa: E402
 from focusing.sparse.attention import pack, packed_window_attention, resolve_backend, unpack  # noqa: E402
 from focusing.sparse.conv import spconv_available  # noqa: E402
+from focusing.sparse.triton_conv import triton_available  # noqa: E402
 
 CONFIGS = {
     "cuda": dict(
@@ -224,7 +225,8 @@ def main(argv=None) -> int:
          "overhead_pct", "overhead_with_partition_pct"],
     )
 
-    backends = ["gemm", "scatter"] + (["spconv"] if spconv_available() else [])
+    backends = ["gemm", "scatter"] + (["triton"] if device.type == "cuda" and triton_available() else [])
+    backends += ["spconv"] if spconv_available() else []
     conv = []
     for n in cfg["conv_sizes"]:
         coords, _ = sphere_shell(n, device)

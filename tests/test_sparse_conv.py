@@ -1,5 +1,11 @@
 """Submanifold sparse convolution: equals dense conv3d at the active voxels (values and gradients)."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,8 +121,35 @@ def test_spconv_backend_matches(device):
         assert rel_err(a, b) < 1e-5
 
 
+TRITON_PARITY = """
+import sys, torch
+sys.path.insert(0, "tests")
+from sparse_helpers import random_sparse, rel_err
+from focusing.sparse import submanifold_conv3d
+for c_in, c_out, k in [(5, 7, 3), (20, 40, 3), (3, 2, 5)]:
+    x = random_sparse(2, 6, 0.3, c_in, seed=c_in)
+    w = torch.randn(c_out, k, k, k, c_in)
+    leaves = [(x.feats.clone().requires_grad_(True), w.clone().requires_grad_(True)) for _ in range(2)]
+    outs = [submanifold_conv3d(x.replace(f), w_, backend=b).feats for (f, w_), b in zip(leaves, ["triton", "gemm"])]
+    assert rel_err(outs[0], outs[1]) < 1e-5
+    g = torch.randn_like(outs[0])
+    for a, b in zip(torch.autograd.grad(outs[0], leaves[0], g), torch.autograd.grad(outs[1], leaves[1], g)):
+        assert rel_err(a, b) < 1e-5
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_in_interpreter_match_gemm():
+    """The Triton kernels, run by Triton's CPU interpreter (fp32), equal the PyTorch implicit GEMM."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", TRITON_PARITY], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1], timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["gemm", "scatter"])
+@pytest.mark.parametrize("backend", ["gemm", "triton", "scatter"])
 def test_cuda_matches_cpu(backend, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x = random_sparse(2, 16, 0.2, 32, seed=17)

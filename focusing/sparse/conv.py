@@ -12,6 +12,8 @@ CPU, where FLOPs dominate and "gemm" pays for the ~2/3 of the neighbours that ar
   a zero row) and do one matmul. The backward is the same kind of product: the input gradient gathers the
   output gradient through the same neighbour map with the kernel flipped (a submanifold map is symmetric), so no
   scatter-add is needed anywhere. Chunks bound the memory of the gathered block (`FOCUSING_CONV_CHUNK_MB`).
+- "triton": the same implicit GEMM as fused Triton kernels (`focusing.sparse.triton_conv`): the neighbours are
+  gathered tile by tile inside the kernel, nothing is materialised; fp16 / bf16 / fp32 on CUDA.
 - "scatter": the reference: per kernel offset, gather the inputs that have that neighbour, matmul, scatter-add
   (`index_add_`) into the outputs; plain autograd.
 - "spconv": spconv's `SubMConv3d` with our weights, when spconv is installed (a test reference on CPU; the
@@ -21,6 +23,7 @@ CPU, where FLOPs dominate and "gemm" pays for the ~2/3 of the neighbours that ar
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
 
@@ -31,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from focusing.data.grid import linearize
 from focusing.sparse.tensor import SparseTensor
 
-BACKENDS = ("gemm", "scatter", "spconv")
+BACKENDS = ("gemm", "triton", "scatter", "spconv")
 
 
 def kernel_offsets(kernel_size: int, dilation: int = 1, device=None) -> torch.Tensor:
@@ -101,35 +104,46 @@ def _gather_wgrad(feats: torch.Tensor, grad_out: torch.Tensor, nbr: torch.Tensor
     return grad_w
 
 
+def _implicit_gemm_ops(backend: str):
+    """(gather_gemm, gather_wgrad) of the PyTorch ("gemm") or the Triton ("triton") implementation."""
+    if backend == "triton":
+        from focusing.sparse import triton_conv
+
+        return triton_conv.gather_gemm, triton_conv.gather_wgrad
+    return _gather_gemm, _gather_wgrad
+
+
 class _ImplicitGemmConv(torch.autograd.Function):
     """feats `[N, C_in]`, weight `[K^3, C_in, C_out]`, nbr `[N, K^3]` (symmetric submanifold map) -> `[N, C_out]`."""
 
     @staticmethod
-    def forward(ctx, feats, weight, nbr):
+    def forward(ctx, feats, weight, nbr, backend):
         k3, c_in, c_out = weight.shape
         ctx.save_for_backward(feats, weight, nbr)
-        return _gather_gemm(feats, weight.reshape(k3 * c_in, c_out), nbr)
+        ctx.backend = backend
+        return _implicit_gemm_ops(backend)[0](feats, weight.reshape(k3 * c_in, c_out), nbr)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         feats, weight, nbr = ctx.saved_tensors
+        gemm, wgrad = _implicit_gemm_ops(ctx.backend)
         k3, c_in, c_out = weight.shape
         grad_out = grad_out.contiguous()
         grad_feats = grad_weight = None
         if ctx.needs_input_grad[0]:
             # voxel j receives grad_out[i] W_k^T from every i with nbr[i, k] = j, i.e. nbr[j, K^3 - 1 - k] = i
             flipped = weight.flip(0).transpose(1, 2).reshape(k3 * c_out, c_in)
-            grad_feats = _gather_gemm(grad_out, flipped, nbr)
+            grad_feats = gemm(grad_out, flipped, nbr)
         if ctx.needs_input_grad[1]:
-            grad_weight = _gather_wgrad(feats, grad_out, nbr).view(k3, c_in, c_out).to(weight.dtype)
-        return grad_feats, grad_weight, None
+            grad_weight = wgrad(feats, grad_out, nbr).view(k3, c_in, c_out).to(weight.dtype)
+        return grad_feats, grad_weight, None, None
 
 
-def _conv_gemm(x: SparseTensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+def _conv_implicit_gemm(x: SparseTensor, weight: torch.Tensor, dilation: int, backend: str) -> torch.Tensor:
     k = weight.shape[1]
     w = weight.permute(1, 2, 3, 4, 0).reshape(k**3, weight.shape[4], weight.shape[0])
-    return _ImplicitGemmConv.apply(x.feats, w, neighbor_map(x, k, dilation))
+    return _ImplicitGemmConv.apply(x.feats, w, neighbor_map(x, k, dilation), backend)
 
 
 def _conv_scatter(x: SparseTensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -197,6 +211,8 @@ def resolve_backend(backend: str | None, device: torch.device | str = "cpu") -> 
         raise ValueError(f"unknown sparse conv backend {name!r}; choose from {', '.join(BACKENDS)} or auto")
     if name == "spconv" and not spconv_available():
         raise RuntimeError("sparse conv backend 'spconv' requested but spconv cannot be imported")
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        raise RuntimeError("sparse conv backend 'triton' requested but triton is not installed")
     return name
 
 
@@ -224,8 +240,8 @@ def submanifold_conv3d(
     name = resolve_backend(backend, x.device)
     with torch.autocast(device_type, enabled=False):
         x_in = x.replace(feats)
-        if name == "gemm":
-            out = _conv_gemm(x_in, weight, dilation)
+        if name in ("gemm", "triton"):
+            out = _conv_implicit_gemm(x_in, weight, dilation, name)
         elif name == "scatter":
             out = _conv_scatter(x_in, weight, dilation)
         else:
