@@ -109,8 +109,8 @@ def oriented_points(n: int, seed: int):
     return points, normals
 
 
-@pytest.mark.parametrize("pool", ["mean", "max"])
-def test_pointnet_is_invariant_to_point_order(pool):
+@pytest.mark.parametrize("pool,local_pool", [("mean", "max"), ("max", "mean")])
+def test_pointnet_is_invariant_to_point_order(pool, local_pool):
     torch.manual_seed(0)
     points, normals = oriented_points(2000, 0)
     batch = (torch.arange(2000) % 2).long()
@@ -120,7 +120,7 @@ def test_pointnet_is_invariant_to_point_order(pool):
     coords = coords[keep]
     coords = torch.cat([coords, torch.tensor([[1, 5, 5, 5]], dtype=torch.int32)])  # maybe a voxel without points
     coords = torch.unique(coords, dim=0)
-    net = LocalPointNet(16, 8, 3, pool=pool)
+    net = LocalPointNet(16, 8, 3, pool=pool, local_pool=local_pool)
     for block in net.blocks:  # break the zero init so every block matters
         torch.nn.init.normal_(block.fc_1.weight, std=0.3)
     feats = net(points, normals, coords, 6, batch)

@@ -4,8 +4,9 @@ pooled from the oriented surface points inside each voxel.
 Each point is assigned to the voxel containing it at the latent resolution R. Its input is the offset to that
 voxel's centre in voxel units scaled to [-1, 1] (2 ((p + 0.5) R - (ijk + 0.5))) and its normal. A stack of
 fully connected ResNet blocks runs per point; before each block after the first, the features are pooled over
-the points of the voxel and concatenated back to every point (local pooling). The last features are pooled
-into the voxels: `[P, 6] -> [N, C]`. Voxels without points get zeros.
+the points of the voxel (`local_pool`, max by default as in ConvONet) and concatenated back to every point. The
+last features are pooled into the voxels (`pool`, mean as in TripoSF's config): `[P, 6] -> [N, C]`. Voxels
+without points get zeros.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def pool_to_voxels(feats: torch.Tensor, voxel: torch.Tensor, num_voxels: int, re
 
 
 class LocalPointNet(nn.Module):
-    """Oriented points -> per-voxel features `[N, out_channels]` (TripoSF: 6 -> 1024, hidden 256, 5 blocks, mean)."""
+    """Oriented points -> per-voxel features `[N, out_channels]` (TripoSF: 6 -> 1024, hidden 256, 5 blocks)."""
 
     def __init__(
         self,
@@ -53,12 +54,14 @@ class LocalPointNet(nn.Module):
         num_blocks: int = 5,
         *,
         pool: str = "mean",
+        local_pool: str = "max",
         use_normals: bool = True,
     ):
         super().__init__()
-        if pool not in _REDUCE:
-            raise ValueError(f"pool must be one of {sorted(_REDUCE)}, got {pool!r}")
-        self.pool, self.use_normals = pool, use_normals
+        for name in (pool, local_pool):
+            if name not in _REDUCE:
+                raise ValueError(f"pooling must be one of {sorted(_REDUCE)}, got {name!r}")
+        self.pool, self.local_pool, self.use_normals = pool, local_pool, use_normals
         self.fc_pos = nn.Linear(6 if use_normals else 3, 2 * hidden_channels)
         self.blocks = nn.ModuleList(ResnetBlockFC(2 * hidden_channels, hidden_channels) for _ in range(num_blocks))
         self.fc_c = nn.Linear(hidden_channels, out_channels)
@@ -82,6 +85,6 @@ class LocalPointNet(nn.Module):
         net = torch.cat([offset, normals[inside]], dim=1) if self.use_normals else offset
         net = self.blocks[0](self.fc_pos(net))
         for block in self.blocks[1:]:
-            pooled = pool_to_voxels(net, voxel, len(coords), self.pool).index_select(0, voxel)
+            pooled = pool_to_voxels(net, voxel, len(coords), self.local_pool).index_select(0, voxel)
             net = block(torch.cat([net, pooled], dim=1))
         return pool_to_voxels(self.fc_c(net), voxel, len(coords), self.pool)

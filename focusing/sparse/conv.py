@@ -7,7 +7,7 @@ this is exactly `torch.nn.functional.conv3d` on the dense grid (weight permuted 
 padding K // 2) read back at the active voxels.
 
 Backends (argument `backend`, else the env var FOCUSING_CONV_BACKEND, else "auto": "gemm" on CUDA, "scatter" on
-CPU, where FLOPs dominate and "gemm" pays for the ~2/3 of the neighbours that are absent on a surface):
+CPU, where FLOPs dominate and "gemm" pays for the absent neighbours: about half of the 27 on a surface):
 - "gemm": implicit GEMM. Gather the K^3 neighbours of a chunk of voxels into `[n, K^3 C_in]` (missing ones read
   a zero row) and do one matmul. The backward is the same kind of product: the input gradient gathers the
   output gradient through the same neighbour map with the kernel flipped (a submanifold map is symmetric), so no
@@ -132,7 +132,8 @@ class _ImplicitGemmConv(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_feats = grad_weight = None
         if ctx.needs_input_grad[0]:
-            # voxel j receives grad_out[i] W_k^T from every i with nbr[i, k] = j, i.e. nbr[j, K^3 - 1 - k] = i
+            # voxel j gets grad_out[i] W_k^T from each i with nbr[i, k] = j; the map is symmetric
+            # (nbr[i, k] = j <=> nbr[j, K^3 - 1 - k] = i), so this is a gather through nbr with the kernel flipped
             flipped = weight.flip(0).transpose(1, 2).reshape(k3 * c_out, c_in)
             grad_feats = gemm(grad_out, flipped, nbr)
         if ctx.needs_input_grad[1]:
@@ -162,7 +163,7 @@ def _conv_scatter(x: SparseTensor, weight: torch.Tensor, dilation: int) -> torch
     for j, (rows, src) in enumerate(x.cache.get_or_compute(("conv_pairs", k, dilation), pairs)):
         y = x.feats.index_select(0, src) @ w[j]
         out = y.new_zeros(len(x), w.shape[2]) if out is None else out
-        out = out.index_add(0, rows, y)
+        out.index_add_(0, rows, y)
     return out
 
 
