@@ -163,23 +163,25 @@ def bench_conv(coords, cfg, device, repeats, backends):
     nbr = neighbor_map(x, 3, 1)
     sync(device)
     map_ms = (time.perf_counter() - t0) * 1e3
+    runs = [(b, dtype) for b in backends]
+    if device.type == "cuda" and "spconv" in backends and dtype == torch.bfloat16:
+        runs.append(("spconv", torch.float16))  # in case spconv has no bf16 kernels
     rows = []
-    for backend in backends:
+    for backend, run_dtype in runs:
         layer = SubMConv3d(c, c, backend=backend).to(device)
-        feats = x.feats.clone().requires_grad_(True)
-        xin = x.replace(feats)
+        xin = x.replace(x.feats.clone().requires_grad_(True))
 
-        def step():
-            with autocast(device, dtype):
+        def step(layer=layer, xin=xin, run_dtype=run_dtype):
+            with autocast(device, run_dtype):
                 out = layer(xin).feats
             out.float().square().mean().backward()
 
-        row = dict(voxels=len(coords), channels=c, dtype=str(dtype).split(".")[-1], backend=backend)
+        row = dict(voxels=len(coords), channels=c, dtype=str(run_dtype).split(".")[-1], backend=backend)
         try:
             reset_peak(device)
             row.update(ms=round(timed(step, device, repeats), 2), peak_gib=peak_memory(device))
-        except Exception as e:  # spconv wheels may not match this torch / GPU / dtype
-            row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        except Exception as e:  # spconv wheels may not match this torch / GPU / dtype; a kernel may not compile
+            row.update(ms=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         rows.append(row)
     rows[0]["neighbor_map_ms"] = round(map_ms, 2)
     rows[0]["mean_neighbors"] = round((nbr < len(coords)).sum(1).float().mean().item(), 2)

@@ -5,7 +5,13 @@ import torch
 from sparse_helpers import random_sparse, rel_err, single_thread  # noqa: F401 (autouse fixture)
 
 from focusing.data.grid import CORNER_OFFSETS
-from focusing.models import LocalPointNet, SelfPruningUpsample, SparseResBlock, SparseTransformer, SparseTransformerBlock
+from focusing.models import (
+    LocalPointNet,
+    SelfPruningUpsample,
+    SparseResBlock,
+    SparseTransformer,
+    SparseTransformerBlock,
+)
 from focusing.models.pointnet import pool_to_voxels
 from focusing.models.transformer import AbsolutePositionEmbedder
 from focusing.sparse import SparseTensor, subdivide
@@ -155,3 +161,22 @@ def test_pointnet_input_is_offset_to_voxel_centre_and_normal():
     offset = 2 * ((points[[0, 2]] + 0.5) * 4 - (ijk + 0.5))
     assert torch.allclose(seen[0], torch.cat([offset, normals[[0, 2]]], 1))
     assert seen[0][:, :3].abs().max() <= 1
+
+
+@pytest.mark.gpu
+def test_block_on_cuda_bf16_varlen_matches_cpu_fp32():
+    """The block's CUDA path (autocast bf16, varlen on strided q/k/v views, checkpointing) against CPU fp32."""
+    torch.manual_seed(0)
+    x = random_sparse(2, 24, 0.08, 128, seed=9)
+    block = SparseTransformerBlock(128, 2, window_size=8, shift=4)
+    ref = block(x).feats
+    ref.square().mean().backward()
+    ref_grad = block.attn.to_qkv.weight.grad.clone()
+    block_cuda = SparseTransformerBlock(128, 2, window_size=8, shift=4, use_checkpoint=True).cuda()
+    block_cuda.load_state_dict(block.state_dict())
+    x_cuda = SparseTensor(x.coords.cuda(), x.feats.cuda(), batch_size=2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = block_cuda(x_cuda).feats
+    out.float().square().mean().backward()
+    assert rel_err(out.float().cpu(), ref) < 2e-2
+    assert rel_err(block_cuda.attn.to_qkv.weight.grad.cpu(), ref_grad) < 5e-2

@@ -193,7 +193,7 @@ def _conv_spconv(x: SparseTensor, weight: torch.Tensor, dilation: int) -> torch.
     return y.features
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stateless_spconv_layer(c_in: int, c_out: int, k: int, dilation: int):
     """An spconv SubMConv3d without its own weight: ours is set on it for each call."""
     import spconv.pytorch as spconv

@@ -8,7 +8,8 @@ the structure's `SpatialCache` and reused by every layer: `x.replace(new_feats)`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 

@@ -44,13 +44,14 @@ if triton is not None:
         row_ok = rows < n
         co_ok = cos < c_out
         acc = tl.zeros((BLOCK_N, BLOCK_CO), dtype=tl.float32)
-        for k in range(0, k3):
+        for k in range(k3):
             src = tl.load(nbr_ptr + rows.to(tl.int64) * k3 + k, mask=row_ok, other=n)
             src_ok = src < n
             for c0 in range(0, c_in, BLOCK_CI):
                 cis = c0 + tl.arange(0, BLOCK_CI)
                 ci_ok = cis < c_in
-                a = tl.load(x_ptr + src[:, None] * c_in + cis[None, :], mask=src_ok[:, None] & ci_ok[None, :], other=0.0)
+                a_mask = src_ok[:, None] & ci_ok[None, :]
+                a = tl.load(x_ptr + src[:, None] * c_in + cis[None, :], mask=a_mask, other=0.0)
                 b = tl.load(
                     w_ptr + (k * c_in + cis[:, None]).to(tl.int64) * c_out + cos[None, :],
                     mask=ci_ok[:, None] & co_ok[None, :],
