@@ -70,7 +70,10 @@ class SelfPruningUpsample(nn.Module):
         self.occupancy_head = nn.Sequential(nn.LayerNorm(out_channels, eps=1e-6), nn.Linear(out_channels, 1))
 
     def forward(self, x: SparseTensor, target_coords: torch.Tensor | None = None) -> UpsampleOutput:
-        """target_coords: `[K, 4]` ground-truth occupied voxels at 2R; given, they decide which children are kept."""
+        """target_coords: `[K, 4]` ground-truth occupied voxels at 2R (gives `target` for the occupancy loss).
+
+        Children are kept by the ground truth in training mode (when given), by logits > 0 otherwise.
+        """
         h = self.to_children(x.feats)
         if self.learned:
             children, _ = subdivide(x, h.view(len(x), 8, self.out_channels))
@@ -80,5 +83,5 @@ class SelfPruningUpsample(nn.Module):
             children = block(children)
         logits = self.occupancy_head(children.feats).squeeze(-1).float()
         target = occupancy(children.coords, target_coords) if target_coords is not None else None
-        keep = target if target is not None else logits > 0
+        keep = target if target is not None and self.training else logits > 0
         return UpsampleOutput(children.select(keep), logits, target, keep, children.coords)
