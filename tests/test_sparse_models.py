@@ -183,3 +183,11 @@ def test_block_on_cuda_bf16_varlen_matches_cpu_fp32():
     out.float().square().mean().backward()
     assert rel_err(out.float().cpu(), ref) < 2e-2
     assert rel_err(block_cuda.attn.to_qkv.weight.grad.cpu(), ref_grad) < 5e-2
+
+
+def test_empty_input_passes_through():
+    x = SparseTensor(torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 8), batch_size=2)
+    assert SparseTransformer(8, 16, 4, num_blocks=2, num_heads=2)(x).shape == (0, 4)
+    assert SparseResBlock(8)(x).shape == (0, 8)
+    out = SelfPruningUpsample(8, 4)(x, torch.zeros(0, 4, dtype=torch.int32))
+    assert out.x.shape == (0, 4) and out.x.batch_size == 2

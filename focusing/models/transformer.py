@@ -36,7 +36,7 @@ class AbsolutePositionEmbedder(nn.Module):
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         angles = coords.to(torch.float32)[:, :, None] * self.freqs  # [N, 3, F]
-        emb = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(len(coords), -1)
+        emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
         return F.pad(emb, (0, self.channels - emb.shape[1]))
 
 
@@ -71,7 +71,7 @@ class SparseWindowAttention(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         part = window_partition(x, self.window_size, self.shift)
         h = pack(x.feats.to(_autocast_dtype(x.feats)), part)  # [T, C] in window order
-        qkv = self.to_qkv(h).view(len(h), 3, self.num_heads, -1)
+        qkv = self.to_qkv(h).view(len(h), 3, self.num_heads, self.channels // self.num_heads)
         q, k, v = qkv.unbind(1)
         if self.q_norm is not None:
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
