@@ -218,8 +218,11 @@ def main(argv=None) -> int:
         coords, res = sphere_shell(n, device)
         attn.append(bench_attention(coords, cfg, device, repeats))
         for ckpt in (False, True):
-            blocks.append(bench_block(coords, res, cfg, device, repeats, ckpt))
-        print_table("block fwd+bwd", blocks[-2:], ["voxels", "checkpoint", "ms", "tokens_per_s", "peak_gib"])
+            try:
+                blocks.append(bench_block(coords, res, cfg, device, repeats, ckpt))
+            except torch.OutOfMemoryError as e:  # recorded, so the other sizes still run
+                blocks.append(dict(voxels=n, checkpoint=ckpt, ms=None, error=f"OOM: {str(e).splitlines()[0][:120]}"))
+        print_table("block fwd+bwd", blocks[-2:], ["voxels", "checkpoint", "ms", "tokens_per_s", "peak_gib", "error"])
     print_table(
         "windowed attention fwd+bwd (window 8): raw kernel vs what the block adds",
         attn,
