@@ -228,6 +228,21 @@ def find_silhouette_crossings(tri_id: Tensor, depth: Tensor, clip: Tensor, faces
                                torch.cat(found_a), torch.cat(found_b))
 
 
+def crossing_alpha(ends: Tensor, mvp: Tensor, front: Tensor, other: Tensor, height: int, width: int) -> Tensor:
+    """Blend weights [K] of silhouette crossings between pixels `front` and `other` [K] (flat indices into
+    [B, H, W]): edge ends [K, 2, 3] (world), mvp [B, 4, 4]. > 0: the lower-index pixel changes, < 0: the other.
+    Pure tensor math (one fusable graph for torch.compile)."""
+    cam, coef = pair_frames(front, other, height, width, ends.dtype)
+    m = mvp[cam]
+    x, y, _ = to_pair_frame(ends @ m[:, :, :3].transpose(1, 2) + m[:, None, :, 3], coef)
+    c = (x[:, 0] - y[:, 0] * (x[:, 1] - x[:, 0]) / (y[:, 1] - y[:, 0])).clamp(0.0, 1.0)
+    return torch.where(front < other, 0.5 - c, c - 0.5)
+
+
+CROSSING_ALPHA = crossing_alpha
+"""The function `blend_silhouettes` calls; `focusing.render.use_torch_compile` swaps in a compiled version."""
+
+
 def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: Tensor, mvp: Tensor) -> Tensor:
     """Blend `image` [B, H, W, C] across the silhouette `crossings` (module docstring); differentiable w.r.t.
     `image` and `vertices` [V, 3]. mvp [B, 4, 4]: the cameras' world -> clip matrices."""
@@ -235,24 +250,21 @@ def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: T
     if len(crossings.p0) == 0:
         return image
     front, p0, p1 = crossings.front, crossings.p0, crossings.p1
-    cam, coef = pair_frames(front, p0 + p1 - front, height, width, vertices.dtype)
     ends = vertices[torch.stack([crossings.edge_a, crossings.edge_b], 1)]    # [K, 2, 3]
-    m = mvp[cam]
-    x, y, _ = to_pair_frame(ends @ m[:, :, :3].transpose(1, 2) + m[:, None, :, 3], coef)
-    c = (x[:, 0] - y[:, 0] * (x[:, 1] - x[:, 0]) / (y[:, 1] - y[:, 0])).clamp(0.0, 1.0)
-    alpha = torch.where(front == p0, 0.5 - c, c - 0.5)                 # > 0: p0 changes, < 0: p1 changes
+    alpha = CROSSING_ALPHA(ends, mvp, front, p0 + p1 - front, height, width)
     flat = image.reshape(-1, channels)
-    delta = alpha[:, None] * (flat[p1] - flat[p0])
+    delta = alpha[:, None] * (flat.index_select(0, p1) - flat.index_select(0, p0))
     return flat.index_add(0, torch.where(alpha > 0, p0, p1), delta).view(n_cam, height, width, channels)
 
 
 def antialias(image: Tensor, tri_id: Tensor, vertices: Tensor, faces: Tensor, mvp: Tensor, *,
               topology: MeshTopology | None = None, clip: Tensor | None = None,
-              max_steps: int = MAX_STEPS) -> Tensor:
+              max_steps: int = MAX_STEPS, backend: str = "auto") -> Tensor:
     """Antialias `image` [B, H, W, C] (channel 0 must be depth) rendered with `tri_id` [B, H, W].
 
     vertices [V, 3] (may require grad), faces [F, 3], mvp [B, 4, 4]; topology defaults to the cached
-    `mesh_topology(faces)`, clip to the clip-space vertices [B, V, 4].
+    `mesh_topology(faces)`, clip to the clip-space vertices [B, V, 4]. backend of the silhouette search:
+    "auto" (Triton on CUDA when available), "torch" (reference) or "triton".
     """
     if topology is None:
         topology = cached_mesh_topology(faces, len(vertices))
@@ -260,5 +272,17 @@ def antialias(image: Tensor, tri_id: Tensor, vertices: Tensor, faces: Tensor, mv
         from focusing.render.raster import clip_space
 
         clip = clip_space(vertices.detach(), mvp)
-    crossings = find_silhouette_crossings(tri_id, image[..., 0].detach(), clip, faces, topology, max_steps)
+    if backend == "auto":
+        from focusing.render.raster import _triton_available
+
+        backend = "triton" if tri_id.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        crossings = find_silhouette_crossings(tri_id, image[..., 0].detach(), clip, faces, topology, max_steps)
+    elif backend == "triton":
+        from focusing.render.antialias_triton import find_silhouette_crossings_triton
+
+        crossings = find_silhouette_crossings_triton(tri_id, image[..., 0].detach(), clip, faces, topology.table,
+                                                     max_steps)
+    else:
+        raise ValueError(f"unknown antialias backend {backend!r} (auto, torch, triton)")
     return blend_silhouettes(image, crossings, vertices, mvp)

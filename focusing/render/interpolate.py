@@ -52,6 +52,24 @@ def face_normals_toward(tri: Tensor, eye: Tensor) -> Tensor:
     return torch.where(facing < 0, -n, n)
 
 
+def fragment_values(corners: Tensor, pix: Tensor, view: Tensor, proj: Tensor, height: int, width: int) -> Tensor:
+    """Per covered pixel: (depth, normal xyz, 1) [P, 5] from its triangle's world corners [P, 3, 3], its flat
+    index `pix` [P] into [B, H, W] and the cameras' view / proj matrices [B, 4, 4]. Pure tensor math (one
+    fusable graph for torch.compile)."""
+    b, px, py = pixel_ndc(pix, height, width, corners.dtype)
+    view_b = view[b]                                                      # [P, 4, 4]
+    bary = barycentrics(project_points(corners, proj[b] @ view_b), px, py)   # [P, 3]
+    point = (bary[..., None] * corners).sum(1)                            # [P, 3]
+    depth = -((point * view_b[:, 2, :3]).sum(-1) + view_b[:, 2, 3])
+    eye = -(view_b[:, :3, :3].transpose(1, 2) @ view_b[:, :3, 3:])[..., 0]   # camera centres [P, 3]
+    normal = face_normals_toward(corners, eye)
+    return torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
+
+
+FRAGMENT_VALUES = fragment_values
+"""The function `interpolate` calls; `focusing.render.use_torch_compile` swaps in a compiled version."""
+
+
 def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor) -> Tensor:
     """Differentiable G-buffer of a rasterised view.
 
@@ -61,15 +79,7 @@ def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor)
     n_cam, height, width = tri_id.shape
     flat = tri_id.reshape(-1)
     pix = torch.nonzero(flat >= 0).squeeze(1)
-    tri = flat[pix]
-    b, px, py = pixel_ndc(pix, height, width, vertices.dtype)
-    corners = vertices[faces[tri]]                                        # [P, 3, 3]
-    mvp = camera.mvp()
-    bary = barycentrics(project_points(corners, mvp[b]), px, py)          # [P, 3]
-    point = (bary[..., None] * corners).sum(1)                            # [P, 3]
-    view_z = camera.view[b, 2]                                            # [P, 4]
-    depth = -((point * view_z[:, :3]).sum(-1) + view_z[:, 3])
-    normal = face_normals_toward(corners, camera.eye[b])
-    values = torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
+    corners = vertices[faces.index_select(0, flat.index_select(0, pix))]  # [P, 3, 3]
+    values = FRAGMENT_VALUES(corners, pix, camera.view, camera.proj, height, width)
     out = vertices.new_zeros(n_cam * height * width, 5).index_put((pix,), values)
     return out.view(n_cam, height, width, 5)
