@@ -250,7 +250,7 @@ def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: T
     if len(crossings.p0) == 0:
         return image
     front, p0, p1 = crossings.front, crossings.p0, crossings.p1
-    ends = vertices[torch.stack([crossings.edge_a, crossings.edge_b], 1)]    # [K, 2, 3]
+    ends = vertices.index_select(0, torch.stack([crossings.edge_a, crossings.edge_b], 1).view(-1)).view(-1, 2, 3)
     alpha = CROSSING_ALPHA(ends, mvp, front, p0 + p1 - front, height, width)
     flat = image.reshape(-1, channels)
     delta = alpha[:, None] * (flat.index_select(0, p1) - flat.index_select(0, p0))

@@ -79,7 +79,8 @@ def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor)
     n_cam, height, width = tri_id.shape
     flat = tri_id.reshape(-1)
     pix = torch.nonzero(flat >= 0).squeeze(1)
-    corners = vertices[faces.index_select(0, flat.index_select(0, pix))]  # [P, 3, 3]
+    ids = faces.index_select(0, flat.index_select(0, pix)).view(-1)
+    corners = vertices.index_select(0, ids).view(-1, 3, 3)               # [P, 3, 3] (backward: index_add)
     values = FRAGMENT_VALUES(corners, pix, camera.view, camera.proj, height, width)
     out = vertices.new_zeros(n_cam * height * width, 5).index_put((pix,), values)
     return out.view(n_cam, height, width, 5)
