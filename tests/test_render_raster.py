@@ -185,9 +185,10 @@ def test_triton_matches_reference_on_cuda(data_dir):
         (out.depth.mean() + out.normal.abs().mean() + out.mask.mean()).backward()
         outs.append(out)
         grads.append(x.grad)
-    same = outs[0].tri_id == outs[1].tri_id
-    assert torch.allclose(outs[0].depth[same], outs[1].depth[same], rtol=1e-5, atol=1e-6)
-    assert float(((outs[0].mask - outs[1].mask).abs() > 1e-4).float().mean()) < 1e-3
+    assert float((outs[0].tri_id == outs[1].tri_id).float().mean()) >= 0.9999
+    for name in ("depth", "mask"):
+        diff = (getattr(outs[0], name) - getattr(outs[1], name)).abs()
+        assert float((diff > 1e-4).float().mean()) < 1e-3, name
     assert float(torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0)) > 0.999
 
 

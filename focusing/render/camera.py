@@ -108,7 +108,7 @@ class Camera:
 
     def zoomed(self, bbox_ndc: Tensor, s: float = 1.1) -> "Camera":
         """The same cameras with the NDC box `bbox_ndc` [B, 4] = (xmin, xmax, ymin, ymax) zoomed to [-s, s]^2."""
-        crop = zoom_crop(bbox_ndc.to(self.proj), s)
+        crop = zoom_crop(torch.as_tensor(bbox_ndc, dtype=self.proj.dtype, device=self.proj.device), s)
         return Camera(self.view, crop @ self.proj, self.height, self.width)
 
 

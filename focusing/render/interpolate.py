@@ -57,12 +57,12 @@ def fragment_values(corners: Tensor, pix: Tensor, view: Tensor, proj: Tensor, he
     index `pix` [P] into [B, H, W] and the cameras' view / proj matrices [B, 4, 4]. Pure tensor math (one
     fusable graph for torch.compile)."""
     b, px, py = pixel_ndc(pix, height, width, corners.dtype)
-    view_b = view[b]                                                      # [P, 4, 4]
-    bary = barycentrics(project_points(corners, proj[b] @ view_b), px, py)   # [P, 3]
+    eye = -(view[:, :3, :3].transpose(1, 2) @ view[:, :3, 3:])[..., 0]   # camera centres [B, 3]
+    bary = barycentrics(project_points(corners, (proj @ view)[b]), px, py)   # [P, 3]
     point = (bary[..., None] * corners).sum(1)                            # [P, 3]
-    depth = -((point * view_b[:, 2, :3]).sum(-1) + view_b[:, 2, 3])
-    eye = -(view_b[:, :3, :3].transpose(1, 2) @ view_b[:, :3, 3:])[..., 0]   # camera centres [P, 3]
-    normal = face_normals_toward(corners, eye)
+    view_z = view[:, 2][b]                                                # [P, 4]
+    depth = -((point * view_z[:, :3]).sum(-1) + view_z[:, 3])
+    normal = face_normals_toward(corners, eye[b])
     return torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
 
 

@@ -139,7 +139,7 @@ def _triton_available() -> bool:
     return True
 
 
-SMALL = 32
+SMALL = 64
 """Triangles whose bounding box holds at most this many pixel centres are rasterised one pixel per step."""
 
 

@@ -38,7 +38,8 @@ def render_mesh(vertices: Tensor, faces: Tensor, camera: Camera, *, antialias: b
     "torch" = the PyTorch reference, "triton"); depth,
     normal and mask are then recomputed with autograd, in the vertices' dtype (float32 or float64).
     antialias: blend silhouettes so the mask (and depth/normal at edges) get gradients w.r.t. vertices.
-    topology: `mesh_topology(faces)` for the antialiasing; built (and cached per faces tensor) if None.
+    topology: `mesh_topology(faces)` for the antialiasing; built if None and cached per `faces` tensor object
+    (pass the same int64 faces tensor, on the vertices' device, to reuse it across calls).
     """
     vertices = torch.as_tensor(vertices)
     if vertices.dtype not in (torch.float32, torch.float64):
