@@ -47,8 +47,8 @@ REPEATS = {"cuda": 10, "cpu": 3}
 
 def bumpy_torus(n_faces: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A torus grid with bumps: vertices [V, 3] float32 in [-0.5, 0.5]^3, faces [F, 3] int64, F ~ n_faces."""
-    nv = max(3, int(round(math.sqrt(n_faces / 2 / 3))))
-    nu = max(3, int(round(n_faces / 2 / nv)))
+    nv = max(3, round(math.sqrt(n_faces / 2 / 3)))
+    nu = max(3, round(n_faces / 2 / nv))
     u = torch.arange(nu, device=device, dtype=torch.float64) * (2 * math.pi / nu)
     v = torch.arange(nv, device=device, dtype=torch.float64) * (2 * math.pi / nv)
     uu, vv = torch.meshgrid(u, v, indexing="ij")

@@ -180,7 +180,7 @@ def find_silhouette_crossings(tri_id: Tensor, depth: Tensor, clip: Tensor, faces
     tri_id [B, H, W]; depth [B, H, W] (only compared); clip [B, V, 4] clip-space vertices; faces [F, 3].
     All pairs walk in lock-step; each step keeps the pairs still searching.
     """
-    n_cam, height, width = tri_id.shape
+    height, width = tri_id.shape[1:]
     flat, d = tri_id.reshape(-1), depth.reshape(-1)
     p0, p1 = pixel_pairs(tri_id)
     t0, t1 = flat.index_select(0, p0), flat.index_select(0, p1)
@@ -205,7 +205,10 @@ def find_silhouette_crossings(tri_id: Tensor, depth: Tensor, clip: Tensor, faces
         cross_x = xa - ya * (xb - xa) / torch.where(crosses, yb - ya, torch.ones_like(ya))
         c, k = torch.where(crosses, cross_x, torch.full_like(cross_x, -float("inf"))).max(dim=1)
         k = k[:, None]
-        pick = lambda t: t.gather(1, k).squeeze(1)  # noqa: E731
+
+        def pick(t: Tensor, k: Tensor = k) -> Tensor:
+            return t.gather(1, k).squeeze(1)
+
         alive = crosses.any(1) & ok.all(1) & (c <= 1 + EDGE_EPS)
         links = topology.table.index_select(0, face)
         nbr, opp = pick(links), links.gather(1, k + 3).squeeze(1)

@@ -66,7 +66,8 @@ def use_torch_compile(enabled: bool = True, **options) -> None:
     are marked dynamic, so meshes and images of any size reuse the compiled code. `options` go to
     `torch.compile` (the compiled functions are built once per set of options and kept).
     """
-    from focusing.render import antialias, interpolate as interp
+    from focusing.render import antialias
+    from focusing.render import interpolate as interp
 
     if not enabled:
         interp.FRAGMENT_VALUES = interp.fragment_values
