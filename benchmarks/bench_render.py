@@ -118,7 +118,7 @@ def measure(vertices, faces, topology, camera, backend: str, repeats: int, devic
     out = fb[-1][2]
     return {"gt_fwd_ms": median_ms(gt), "fwd_ms": median_ms([f for f, _, _ in fb]),
             "bwd_ms": median_ms([b for _, b, _ in fb]), "peak_mib": round(peak, 1),
-            "covered_px": int((out.tri_id >= 0).sum()), "aa_mask_sum": float(out.mask.sum())}
+            "covered_px": int((out.tri_id >= 0).sum()), "aa_mask_sum": float(out.mask.detach().sum())}
 
 
 def stages(vertices, faces, topology, camera, backend: str, repeats: int, device) -> dict:
