@@ -7,7 +7,8 @@ other pixel centre across the surface: leave the triangle through the edge the s
 a **silhouette edge** (a boundary edge, or one whose neighbouring face folds back onto the same side in screen
 space) stop there, otherwise step into the neighbouring face and repeat (at most `max_steps` faces, so fine
 meshes whose triangles are smaller than a pixel still find their silhouette; nvdiffrast looks at the first
-triangle only). If a silhouette edge, more perpendicular than parallel to the segment, crosses it at a fraction
+triangle only; the walk also ends, without a silhouette, on entering the other pixel's triangle or passing its
+centre). If a silhouette edge, more perpendicular than parallel to the segment, crosses it at a fraction
 `c` in [0, 1] of the way from the front pixel to the other pixel, then, with the pixel border at 0.5:
 
 - c < 0.5: the surface stops short of the border, so the front pixel moves towards the other pixel's value by
@@ -37,8 +38,6 @@ EDGE_EPS = 1.0 / 16.0
 
 MAX_STEPS = 32
 """Faces walked per pixel pair when looking for the silhouette edge."""
-
-NXT, PRV = [1, 2, 0], [2, 0, 1]
 
 
 @dataclass
