@@ -44,6 +44,20 @@ def barycentrics(clip: Tensor, px: Tensor, py: Tensor) -> Tensor:
     return e / torch.where(s == 0, torch.ones_like(s), s)
 
 
+def pixel_barycentrics(clip: Tensor, faces: Tensor, tri_id: Tensor) -> Tensor:
+    """Perspective-correct barycentrics [B, H, W, 3] of every pixel centre in its triangle (0 on the background),
+    differentiable w.r.t. the clip-space vertices `clip` [B, V, 4] (the nvdiffrast-style raster output together
+    with `tri_id` [B, H, W])."""
+    n_cam, height, width = tri_id.shape
+    flat = tri_id.reshape(-1)
+    pix = torch.nonzero(flat >= 0).squeeze(1)
+    b, px, py = pixel_ndc(pix, height, width, clip.dtype)
+    ids = faces.index_select(0, flat.index_select(0, pix))                # [P, 3]
+    tri = clip.reshape(-1, 4).index_select(0, (b[:, None] * clip.shape[1] + ids).view(-1)).view(-1, 3, 4)
+    out = clip.new_zeros(n_cam * height * width, 3).index_put((pix,), barycentrics(tri, px, py))
+    return out.view(n_cam, height, width, 3)
+
+
 def face_normals_toward(tri: Tensor, eye: Tensor) -> Tensor:
     """Unit normals [P, 3] of triangles `tri` [P, 3, 3], flipped to face the points `eye` [P, 3]."""
     n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
