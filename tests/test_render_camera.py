@@ -5,8 +5,18 @@ import math
 import pytest
 import torch
 
-from focusing.render.camera import (Camera, focal_from_fov, intrinsics_projection, look_at, ndc_to_pixel,
-                                    perspective, pixel_centers_ndc, pixel_to_ndc, random_cameras, zoom_crop)
+from focusing.render.camera import (
+    Camera,
+    focal_from_fov,
+    intrinsics_projection,
+    look_at,
+    ndc_to_pixel,
+    perspective,
+    pixel_centers_ndc,
+    pixel_to_ndc,
+    random_cameras,
+    zoom_crop,
+)
 
 
 def test_look_at_is_rigid_and_looks_at_target():

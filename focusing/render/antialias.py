@@ -7,7 +7,8 @@ other pixel centre across the surface: leave the triangle through the edge the s
 a **silhouette edge** (a boundary edge, or one whose neighbouring face folds back onto the same side in screen
 space) stop there, otherwise step into the neighbouring face and repeat (at most `max_steps` faces, so fine
 meshes whose triangles are smaller than a pixel still find their silhouette; nvdiffrast looks at the first
-triangle only). If a silhouette edge, more perpendicular than parallel to the segment, crosses it at a fraction
+triangle only; the walk also ends, without a silhouette, on entering the other pixel's triangle or passing its
+centre). If a silhouette edge, more perpendicular than parallel to the segment, crosses it at a fraction
 `c` in [0, 1] of the way from the front pixel to the other pixel, then, with the pixel border at 0.5:
 
 - c < 0.5: the surface stops short of the border, so the front pixel moves towards the other pixel's value by
@@ -37,8 +38,6 @@ EDGE_EPS = 1.0 / 16.0
 
 MAX_STEPS = 32
 """Faces walked per pixel pair when looking for the silhouette edge."""
-
-NXT, PRV = [1, 2, 0], [2, 0, 1]
 
 
 @dataclass
@@ -180,7 +179,7 @@ def find_silhouette_crossings(tri_id: Tensor, depth: Tensor, clip: Tensor, faces
     tri_id [B, H, W]; depth [B, H, W] (only compared); clip [B, V, 4] clip-space vertices; faces [F, 3].
     All pairs walk in lock-step; each step keeps the pairs still searching.
     """
-    n_cam, height, width = tri_id.shape
+    height, width = tri_id.shape[1:]
     flat, d = tri_id.reshape(-1), depth.reshape(-1)
     p0, p1 = pixel_pairs(tri_id)
     t0, t1 = flat.index_select(0, p0), flat.index_select(0, p1)
@@ -205,7 +204,10 @@ def find_silhouette_crossings(tri_id: Tensor, depth: Tensor, clip: Tensor, faces
         cross_x = xa - ya * (xb - xa) / torch.where(crosses, yb - ya, torch.ones_like(ya))
         c, k = torch.where(crosses, cross_x, torch.full_like(cross_x, -float("inf"))).max(dim=1)
         k = k[:, None]
-        pick = lambda t: t.gather(1, k).squeeze(1)  # noqa: E731
+
+        def pick(t: Tensor, k: Tensor = k) -> Tensor:
+            return t.gather(1, k).squeeze(1)
+
         alive = crosses.any(1) & ok.all(1) & (c <= 1 + EDGE_EPS)
         links = topology.table.index_select(0, face)
         nbr, opp = pick(links), links.gather(1, k + 3).squeeze(1)
@@ -228,6 +230,21 @@ def find_silhouette_crossings(tri_id: Tensor, depth: Tensor, clip: Tensor, faces
                                torch.cat(found_a), torch.cat(found_b))
 
 
+def crossing_alpha(ends: Tensor, mvp: Tensor, front: Tensor, other: Tensor, height: int, width: int) -> Tensor:
+    """Blend weights [K] of silhouette crossings between pixels `front` and `other` [K] (flat indices into
+    [B, H, W]): edge ends [K, 2, 3] (world), mvp [B, 4, 4]. > 0: the lower-index pixel changes, < 0: the other.
+    Pure tensor math (one fusable graph for torch.compile)."""
+    cam, coef = pair_frames(front, other, height, width, ends.dtype)
+    m = mvp[cam]
+    x, y, _ = to_pair_frame(ends @ m[:, :, :3].transpose(1, 2) + m[:, None, :, 3], coef)
+    c = (x[:, 0] - y[:, 0] * (x[:, 1] - x[:, 0]) / (y[:, 1] - y[:, 0])).clamp(0.0, 1.0)
+    return torch.where(front < other, 0.5 - c, c - 0.5)
+
+
+CROSSING_ALPHA = crossing_alpha
+"""The function `blend_silhouettes` calls; `focusing.render.use_torch_compile` swaps in a compiled version."""
+
+
 def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: Tensor, mvp: Tensor) -> Tensor:
     """Blend `image` [B, H, W, C] across the silhouette `crossings` (module docstring); differentiable w.r.t.
     `image` and `vertices` [V, 3]. mvp [B, 4, 4]: the cameras' world -> clip matrices."""
@@ -235,24 +252,21 @@ def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: T
     if len(crossings.p0) == 0:
         return image
     front, p0, p1 = crossings.front, crossings.p0, crossings.p1
-    cam, coef = pair_frames(front, p0 + p1 - front, height, width, vertices.dtype)
-    ends = vertices[torch.stack([crossings.edge_a, crossings.edge_b], 1)]    # [K, 2, 3]
-    m = mvp[cam]
-    x, y, _ = to_pair_frame(ends @ m[:, :, :3].transpose(1, 2) + m[:, None, :, 3], coef)
-    c = (x[:, 0] - y[:, 0] * (x[:, 1] - x[:, 0]) / (y[:, 1] - y[:, 0])).clamp(0.0, 1.0)
-    alpha = torch.where(front == p0, 0.5 - c, c - 0.5)                 # > 0: p0 changes, < 0: p1 changes
+    ends = vertices.index_select(0, torch.stack([crossings.edge_a, crossings.edge_b], 1).view(-1)).view(-1, 2, 3)
+    alpha = CROSSING_ALPHA(ends, mvp, front, p0 + p1 - front, height, width)
     flat = image.reshape(-1, channels)
-    delta = alpha[:, None] * (flat[p1] - flat[p0])
+    delta = alpha[:, None] * (flat.index_select(0, p1) - flat.index_select(0, p0))
     return flat.index_add(0, torch.where(alpha > 0, p0, p1), delta).view(n_cam, height, width, channels)
 
 
 def antialias(image: Tensor, tri_id: Tensor, vertices: Tensor, faces: Tensor, mvp: Tensor, *,
               topology: MeshTopology | None = None, clip: Tensor | None = None,
-              max_steps: int = MAX_STEPS) -> Tensor:
+              max_steps: int = MAX_STEPS, backend: str = "auto") -> Tensor:
     """Antialias `image` [B, H, W, C] (channel 0 must be depth) rendered with `tri_id` [B, H, W].
 
     vertices [V, 3] (may require grad), faces [F, 3], mvp [B, 4, 4]; topology defaults to the cached
-    `mesh_topology(faces)`, clip to the clip-space vertices [B, V, 4].
+    `mesh_topology(faces)`, clip to the clip-space vertices [B, V, 4]. backend of the silhouette search:
+    "auto" (Triton on CUDA when available), "torch" (reference) or "triton".
     """
     if topology is None:
         topology = cached_mesh_topology(faces, len(vertices))
@@ -260,5 +274,17 @@ def antialias(image: Tensor, tri_id: Tensor, vertices: Tensor, faces: Tensor, mv
         from focusing.render.raster import clip_space
 
         clip = clip_space(vertices.detach(), mvp)
-    crossings = find_silhouette_crossings(tri_id, image[..., 0].detach(), clip, faces, topology, max_steps)
+    if backend == "auto":
+        from focusing.render.raster import _triton_available
+
+        backend = "triton" if tri_id.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        crossings = find_silhouette_crossings(tri_id, image[..., 0].detach(), clip, faces, topology, max_steps)
+    elif backend == "triton":
+        from focusing.render.antialias_triton import find_silhouette_crossings_triton
+
+        crossings = find_silhouette_crossings_triton(tri_id, image[..., 0].detach(), clip, faces, topology.table,
+                                                     max_steps)
+    else:
+        raise ValueError(f"unknown antialias backend {backend!r} (auto, torch, triton)")
     return blend_silhouettes(image, crossings, vertices, mvp)

@@ -66,7 +66,7 @@ class Camera:
     def __len__(self) -> int:
         return self.view.shape[0]
 
-    def __getitem__(self, index) -> "Camera":
+    def __getitem__(self, index) -> Camera:
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return Camera(self.view[index], self.proj[index], self.height, self.width)
@@ -79,7 +79,7 @@ class Camera:
     def dtype(self) -> torch.dtype:
         return self.view.dtype
 
-    def to(self, device=None, dtype=None) -> "Camera":
+    def to(self, device=None, dtype=None) -> Camera:
         return Camera(self.view.to(device=device, dtype=dtype), self.proj.to(device=device, dtype=dtype),
                       self.height, self.width)
 
@@ -106,9 +106,9 @@ class Camera:
         depth = -(homo @ self.view[:, 2, :, None])[..., 0]
         return clip[..., :3] / clip[..., 3:], depth
 
-    def zoomed(self, bbox_ndc: Tensor, s: float = 1.1) -> "Camera":
+    def zoomed(self, bbox_ndc: Tensor, s: float = 1.1) -> Camera:
         """The same cameras with the NDC box `bbox_ndc` [B, 4] = (xmin, xmax, ymin, ymax) zoomed to [-s, s]^2."""
-        crop = zoom_crop(bbox_ndc.to(self.proj), s)
+        crop = zoom_crop(torch.as_tensor(bbox_ndc, dtype=self.proj.dtype, device=self.proj.device), s)
         return Camera(self.view, crop @ self.proj, self.height, self.width)
 
 
@@ -203,7 +203,7 @@ def zoom_crop(bbox_ndc: Tensor, s: float = 1.1) -> Tensor:
 
 
 def ndc_to_pixel(xy: Tensor, height: int, width: int) -> Tensor:
-    """NDC (x, y) [..., 2] -> continuous pixel coordinates (u, v) [..., 2]; pixel (row i, col j) = (floor v, floor u)."""
+    """NDC (x, y) [..., 2] -> continuous pixel coordinates (u, v) [..., 2]; the pixel is (row floor v, col floor u)."""
     return torch.stack([(xy[..., 0] + 1) * (width / 2), (1 - xy[..., 1]) * (height / 2)], dim=-1)
 
 

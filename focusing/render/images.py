@@ -14,7 +14,8 @@ from focusing.io.atomic import atomic_path
 BACKGROUND = np.array([255.0, 255.0, 255.0])
 
 # Our depth colour ramp, near -> far: amber, green, teal, blue, dark purple (bright near, dark far); linear in RGB.
-_DEPTH_ANCHORS = np.array([[255, 220, 60], [120, 200, 90], [40, 150, 150], [50, 80, 160], [60, 20, 90]], dtype=np.float64)
+_DEPTH_ANCHORS = np.array([[255, 220, 60], [120, 200, 90], [40, 150, 150], [50, 80, 160], [60, 20, 90]],
+                          dtype=np.float64)
 
 
 def _numpy(a) -> np.ndarray:

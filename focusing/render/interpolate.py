@@ -44,12 +44,44 @@ def barycentrics(clip: Tensor, px: Tensor, py: Tensor) -> Tensor:
     return e / torch.where(s == 0, torch.ones_like(s), s)
 
 
+def pixel_barycentrics(clip: Tensor, faces: Tensor, tri_id: Tensor) -> Tensor:
+    """Perspective-correct barycentrics [B, H, W, 3] of every pixel centre in its triangle (0 on the background),
+    differentiable w.r.t. the clip-space vertices `clip` [B, V, 4] (the nvdiffrast-style raster output together
+    with `tri_id` [B, H, W])."""
+    n_cam, height, width = tri_id.shape
+    flat = tri_id.reshape(-1)
+    pix = torch.nonzero(flat >= 0).squeeze(1)
+    b, px, py = pixel_ndc(pix, height, width, clip.dtype)
+    ids = faces.index_select(0, flat.index_select(0, pix))                # [P, 3]
+    tri = clip.reshape(-1, 4).index_select(0, (b[:, None] * clip.shape[1] + ids).view(-1)).view(-1, 3, 4)
+    out = clip.new_zeros(n_cam * height * width, 3).index_put((pix,), barycentrics(tri, px, py))
+    return out.view(n_cam, height, width, 3)
+
+
 def face_normals_toward(tri: Tensor, eye: Tensor) -> Tensor:
     """Unit normals [P, 3] of triangles `tri` [P, 3, 3], flipped to face the points `eye` [P, 3]."""
     n = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     facing = ((eye - tri[:, 0]) * n).sum(-1, keepdim=True)
     return torch.where(facing < 0, -n, n)
+
+
+def fragment_values(corners: Tensor, pix: Tensor, view: Tensor, proj: Tensor, height: int, width: int) -> Tensor:
+    """Per covered pixel: (depth, normal xyz, 1) [P, 5] from its triangle's world corners [P, 3, 3], its flat
+    index `pix` [P] into [B, H, W] and the cameras' view / proj matrices [B, 4, 4]. Pure tensor math (one
+    fusable graph for torch.compile)."""
+    b, px, py = pixel_ndc(pix, height, width, corners.dtype)
+    eye = -(view[:, :3, :3].transpose(1, 2) @ view[:, :3, 3:])[..., 0]   # camera centres [B, 3]
+    bary = barycentrics(project_points(corners, (proj @ view)[b]), px, py)   # [P, 3]
+    point = (bary[..., None] * corners).sum(1)                            # [P, 3]
+    view_z = view[:, 2][b]                                                # [P, 4]
+    depth = -((point * view_z[:, :3]).sum(-1) + view_z[:, 3])
+    normal = face_normals_toward(corners, eye[b])
+    return torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
+
+
+FRAGMENT_VALUES = fragment_values
+"""The function `interpolate` calls; `focusing.render.use_torch_compile` swaps in a compiled version."""
 
 
 def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor) -> Tensor:
@@ -61,15 +93,8 @@ def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor)
     n_cam, height, width = tri_id.shape
     flat = tri_id.reshape(-1)
     pix = torch.nonzero(flat >= 0).squeeze(1)
-    tri = flat[pix]
-    b, px, py = pixel_ndc(pix, height, width, vertices.dtype)
-    corners = vertices[faces[tri]]                                        # [P, 3, 3]
-    mvp = camera.mvp()
-    bary = barycentrics(project_points(corners, mvp[b]), px, py)          # [P, 3]
-    point = (bary[..., None] * corners).sum(1)                            # [P, 3]
-    view_z = camera.view[b, 2]                                            # [P, 4]
-    depth = -((point * view_z[:, :3]).sum(-1) + view_z[:, 3])
-    normal = face_normals_toward(corners, camera.eye[b])
-    values = torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
+    ids = faces.index_select(0, flat.index_select(0, pix)).view(-1)
+    corners = vertices.index_select(0, ids).view(-1, 3, 3)               # [P, 3, 3] (backward: index_add)
+    values = FRAGMENT_VALUES(corners, pix, camera.view, camera.proj, height, width)
     out = vertices.new_zeros(n_cam * height * width, 5).index_put((pix,), values)
     return out.view(n_cam, height, width, 5)

@@ -40,29 +40,40 @@ def clip_space(vertices: Tensor, mvp: Tensor) -> Tensor:
     return vertices @ mvp[:, :, :3].transpose(1, 2) + mvp[:, None, :, 3]
 
 
-def screen_bounds(tri: Tensor) -> tuple[Tensor, Tensor]:
-    """NDC bounding boxes of triangles `tri` [T, 3, 4] (clip space) clipped to the near plane.
+def vertex_screen(clip: Tensor) -> tuple[Tensor, Tensor]:
+    """Clip-space vertices [V, 4] -> (NDC xy [V, 2], in front of the near plane [V] bool)."""
+    w = clip[:, 3]
+    front = (clip[:, 2] + w >= 0) & (w > 0)
+    return clip[:, :2] / torch.where(front, w, torch.ones_like(w))[:, None], front
+
+
+def screen_bounds(clip: Tensor, faces: Tensor,
+                  screen: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """NDC bounding boxes of triangles `faces` [T, 3] of clip-space vertices `clip` [V, 4], clipped to the near
+    plane: over the corners in front of it and the points where edges cross it. `screen`: `vertex_screen(clip)`.
 
     Returns (lo [T, 2], hi [T, 2]); lo = +inf for triangles with nothing in front of the near plane (or with
     non-finite coordinates).
     """
-    d = tri[..., 2] + tri[..., 3]                      # [T, 3] clip distance to the near plane
-    front = (d >= 0) & (tri[..., 3] > 0)
-    nxt = [1, 2, 0]
-    d_n, front_n, tri_n = d[:, nxt], front[:, nxt], tri[:, nxt]
-    crossing = front != front_n                        # edge k -> k+1 crosses the near plane
-    t = d / torch.where(crossing, d - d_n, torch.ones_like(d))
-    cut = tri + t[..., None] * (tri_n - tri)           # [T, 3, 4] points on the near plane
-    crossing &= cut[..., 3] > 0
-    pts = torch.cat([tri, cut], dim=1)                 # [T, 6, 4]
-    ok = torch.cat([front, crossing], dim=1)           # [T, 6]
-    xy = pts[..., :2] / torch.where(ok, pts[..., 3], torch.ones_like(pts[..., 3]))[..., None]
-    inf = torch.full_like(xy, float("inf"))
-    lo = torch.where(ok[..., None], xy, inf).amin(dim=1)
-    hi = torch.where(ok[..., None], xy, -inf).amax(dim=1)
+    xy, front = vertex_screen(clip) if screen is None else screen
+    txy, tfront = xy[faces], front[faces]                                   # [T, 3, 2], [T, 3]
+    inf = torch.full_like(txy, float("inf"))
+    lo = torch.where(tfront[..., None], txy, inf).amin(dim=1)
+    hi = torch.where(tfront[..., None], txy, -inf).amax(dim=1)
+    partial = torch.nonzero(tfront.any(1) & ~tfront.all(1)).squeeze(1)     # crossing the near plane
+    if len(partial):
+        tri = clip[faces[partial]]                                          # [P, 3, 4]
+        d = tri[..., 2] + tri[..., 3]
+        nxt = [1, 2, 0]
+        crossing = tfront[partial] != tfront[partial][:, nxt]               # edge k -> k+1 crosses the plane
+        t = d / torch.where(crossing, d - d[:, nxt], torch.ones_like(d))
+        cut = tri + t[..., None] * (tri[:, nxt] - tri)                      # [P, 3, 4] points on the plane
+        crossing &= cut[..., 3] > 0
+        cxy = cut[..., :2] / torch.where(crossing, cut[..., 3], torch.ones_like(d))[..., None]
+        lo[partial] = torch.minimum(lo[partial], torch.where(crossing[..., None], cxy, inf[:1]).amin(dim=1))
+        hi[partial] = torch.maximum(hi[partial], torch.where(crossing[..., None], cxy, -inf[:1]).amax(dim=1))
     bad = ~(torch.isfinite(lo).all(-1) & torch.isfinite(hi).all(-1))
-    lo = torch.where(bad[:, None], torch.full_like(lo, float("inf")), lo)
-    return lo, hi
+    return torch.where(bad[:, None], torch.full_like(lo, float("inf")), lo), hi
 
 
 def pixel_ranges(lo: Tensor, hi: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -113,14 +124,13 @@ def rasterize(clip: Tensor, faces: Tensor, height: int, width: int, *, backend: 
     """Nearest triangle per pixel: clip-space vertices [B, V, 4], faces [F, 3] -> tri_id [B, H, W] int64 (-1 empty).
 
     backend: "auto" (Triton on CUDA when available, else the reference), "torch" (reference) or "triton".
-    Runs without autograd; the result depends only on the float32 values of `clip`.
+    Runs without autograd; the result depends only on the float32 values of `clip`. Face indices must be valid
+    (in [0, V)); the Triton path does not check them (`focusing.io` meshes always are).
     """
     if backend == "auto":
         backend = "triton" if clip.is_cuda and _triton_available() else "torch"
     clip = clip.detach().to(torch.float32).contiguous()
     faces = faces.to(device=clip.device, dtype=torch.int64).contiguous()
-    if faces.numel() and int(faces.max()) >= clip.shape[1]:
-        raise ValueError(f"faces index {int(faces.max())} but there are only {clip.shape[1]} vertices")
     if backend == "torch":
         keys = rasterize_keys_reference(clip, faces, height, width)
     elif backend == "triton":
@@ -140,7 +150,7 @@ def _triton_available() -> bool:
     return True
 
 
-SMALL = 32
+SMALL = 64
 """Triangles whose bounding box holds at most this many pixel centres are rasterised one pixel per step."""
 
 
@@ -156,15 +166,17 @@ def rasterize_keys_reference(clip: Tensor, faces: Tensor, height: int, width: in
     n_cam, hw = len(clip), height * width
     keys = torch.full((n_cam * hw,), BACKGROUND_KEY, dtype=torch.int64, device=clip.device)
     for b in range(n_cam):
+        screen = vertex_screen(clip[b])
         for f0 in range(0, len(faces), face_chunk):
-            tri = clip[b].index_select(0, faces[f0:f0 + face_chunk].reshape(-1)).view(-1, 3, 4)
-            col0, row0, ncols, nrows = pixel_ranges(*screen_bounds(tri), height, width)
+            chunk = faces[f0:f0 + face_chunk]
+            col0, row0, ncols, nrows = pixel_ranges(*screen_bounds(clip[b], chunk, screen), height, width)
             count = ncols * nrows
-            count, order = torch.sort(count, descending=True)
-            n_active = int((count > 0).sum())
+            active = torch.nonzero(count).squeeze(1)
+            count, order = torch.sort(count.index_select(0, active), descending=True)
+            order = active.index_select(0, order)
             n_big = int((count > SMALL).sum())
-            order, count = order[:n_active], count[:n_active]
-            tri, col0, row0, ncols = (t.index_select(0, order) for t in (tri, col0, row0, ncols))
+            col0, row0, ncols = (t.index_select(0, order) for t in (col0, row0, ncols))
+            tri = clip[b].index_select(0, chunk.index_select(0, order).view(-1)).view(-1, 3, 4)
             ids = order + f0
             _sweep_small(keys, b * hw, tri[n_big:], col0[n_big:], row0[n_big:], ncols[n_big:], count[n_big:],
                          ids[n_big:], height, width)
