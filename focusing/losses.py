@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from focusing.data.grid import neighbor_index
+from focusing.sparse.lookup import find_voxels
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,9 @@ def normal_ssim(pred: torch.Tensor, gt: torch.Tensor, pred_mask: torch.Tensor, g
 
 def corner_neighbors(corners: torch.Tensor) -> torch.Tensor:
     """[M, 3] int64: index of the +x, +y, +z neighbour of each corner [M, 4] in `corners`, -1 where absent."""
-    return neighbor_index(corners, torch.eye(3, dtype=torch.int64, device=corners.device))
+    query = corners[:, None, :].to(torch.int64).repeat(1, 3, 1)
+    query[:, :, 1:] += torch.eye(3, dtype=torch.int64, device=corners.device)
+    return find_voxels(query.reshape(-1, 4), corners).reshape(-1, 3)
 
 
 def sparse_tv(values: torch.Tensor, neighbors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

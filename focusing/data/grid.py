@@ -58,29 +58,3 @@ def voxel_corners(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keys = linearize(all_corners.reshape(-1, 4), extent)
     unique_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     return delinearize(unique_keys, extent), inverse.reshape(-1, 8)
-
-
-
-def find_rows(coords: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Row of each `query` [Q, 4] in `coords` [N, 4] (unique rows, any order), by `searchsorted` on sorted keys.
-
-    Returns [Q] int64 row indices into `coords`, -1 where the query is absent (or has a negative coordinate).
-    """
-    if len(coords) == 0 or len(query) == 0:
-        return torch.full((len(query),), -1, dtype=torch.int64, device=query.device)
-    c, q = coords.to(torch.int64), query.to(torch.int64)
-    valid = (q[:, 1:] >= 0).all(1)
-    q = torch.where(valid[:, None], q, torch.zeros_like(q))
-    extent = int(torch.maximum(c[:, 1:].max(), q[:, 1:].max()).item()) + 1
-    keys, order = torch.sort(linearize(c, extent))
-    qkeys = linearize(q, extent)
-    pos = torch.searchsorted(keys, qkeys).clamp_(max=len(keys) - 1)
-    found = (keys[pos] == qkeys) & valid
-    return torch.where(found, order[pos], torch.full_like(pos, -1))
-
-
-def neighbor_index(coords: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[N, K] int64: row of `coords[n] + offsets[k]` (same batch) in `coords` [N, 4], -1 where absent."""
-    query = coords[:, None, :].to(torch.int64).repeat(1, len(offsets), 1)
-    query[:, :, 1:] += offsets.to(device=coords.device, dtype=torch.int64)
-    return find_rows(coords, query.reshape(-1, 4)).reshape(len(coords), len(offsets))

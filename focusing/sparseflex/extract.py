@@ -26,7 +26,7 @@ Extraction (FlexiCubes, Shen et al. 2023, §4):
 - L_dev (FlexiCubes Eq. 8): mean absolute deviation, per dual vertex, of the distances from the dual vertex to
   its plain (α = 1) crossing points.
 
-Corner indexing uses sort/`searchsorted` on linearised keys (`focusing.data.grid`); everything is vectorised
+Corner indexing uses sort/`searchsorted` on linearised keys (`focusing.data.grid`, `focusing.sparse.lookup`); everything is vectorised
 and runs unchanged on CPU and CUDA. Unreferenced dual vertices are dropped from the output.
 """
 
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from focusing.data.grid import corner_positions, find_rows, voxel_corners
+from focusing.data.grid import corner_positions, voxel_corners
+from focusing.sparse.lookup import find_voxels
 from focusing.sparseflex.tables import tables_on
 
 WEIGHT_SCALE = 0.99
@@ -105,8 +106,9 @@ def case_ids(coords: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     flagged = torch.nonzero(t["ambiguous_flag"][case]).squeeze(1)
     query = coords[flagged].to(torch.int64)
     query[:, 1:] += t["ambiguous_dir"][case[flagged]]
-    nbr = find_rows(coords, query)
-    both = (nbr >= 0) & t["ambiguous_flag"][case[nbr.clamp(min=0)]]
+    inside_grid = (query[:, 1:] >= 0).all(1)
+    nbr = find_voxels(query.clamp(min=0), coords)
+    both = inside_grid & (nbr >= 0) & t["ambiguous_flag"][case[nbr.clamp(min=0)]]
     case[flagged[both]] = 255 - case[flagged[both]]
     return case
 
