@@ -26,8 +26,8 @@ Extraction (FlexiCubes, Shen et al. 2023, §4):
 - L_dev (FlexiCubes Eq. 8): mean absolute deviation, per dual vertex, of the distances from the dual vertex to
   its plain (α = 1) crossing points.
 
-Corner indexing uses sort/`searchsorted` on linearised keys (`focusing.data.grid`, `focusing.sparse.lookup`); everything is vectorised
-and runs unchanged on CPU and CUDA. Unreferenced dual vertices are dropped from the output.
+Corner indexing uses sort/`searchsorted` on linearised keys (`focusing.data.grid`, `focusing.sparse.lookup`);
+everything is vectorised and runs unchanged on CPU and CUDA. Unreferenced dual vertices are dropped from the output.
 """
 
 from __future__ import annotations
