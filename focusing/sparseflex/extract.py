@@ -136,8 +136,8 @@ def sparseflex_mesh(
     corners, v2c = voxel_corners(coords)
     m = len(corners)
 
-    corner_sdf = average_corners(sdf, v2c, m)
-    corner_deform = average_corners(deform, v2c, m)
+    corner_field = average_corners(torch.cat([sdf[..., None], deform], -1), v2c, m)  # [M, 4]: one pass for s, δ
+    corner_sdf, corner_deform = corner_field[:, 0], corner_field[:, 1:]
     consistency = ((sdf - corner_sdf[v2c]) * resolution).square().mean() if n else sdf.sum()
     if n:
         consistency = consistency + (deform - corner_deform[v2c]).square().mean()
