@@ -46,7 +46,8 @@ QUICK = {
 
 def bumpy_sphere(p: torch.Tensor) -> torch.Tensor:
     """A smooth closed test surface (not an exact SDF, which extraction does not need)."""
-    return p.norm(dim=-1) - 0.35 - 0.03 * torch.sin(17 * p[..., 0]) * torch.sin(19 * p[..., 1]) * torch.sin(13 * p[..., 2])
+    bumps = torch.sin(17 * p[..., 0]) * torch.sin(19 * p[..., 1]) * torch.sin(13 * p[..., 2])
+    return p.norm(dim=-1) - 0.35 - 0.03 * bumps
 
 
 def band_voxels(n: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -155,7 +156,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: one small size, one short fit")
     ap.add_argument("--sizes", default=None, help="comma-separated voxel counts for the extraction benchmark")
     ap.add_argument("--steps", default=None, help="fit resolutions and steps, e.g. 256:400,512:200 ('' = no fit)")
-    ap.add_argument("--fit-meshes", default=None, help="comma-separated mesh names (default bunny,fandisk,lilium_surface)")
+    ap.add_argument("--fit-meshes", default=None, help="comma-separated names (default bunny,fandisk,lilium_surface)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
@@ -179,12 +180,14 @@ def main() -> int:
         r = bench_extract(n, device, repeats)
         results["extract"].append(r)
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "n/a"
-        print(f"| {n:,} | {r['resolution']} | {r['faces']:,} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {peak} |", flush=True)
+        row = f"| {n:,} | {r['resolution']} | {r['faces']:,} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {peak} |"
+        print(row, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     if fits:
-        print("\n| mesh | R | voxels | steps | F@0.005 init | F@0.005 fit | CD init (1e-5) | CD fit (1e-5) | faces | s | init s |")
+        print("\n| mesh | R | voxels | steps | F@0.005 init | F@0.005 fit | CD init (1e-5) | CD fit (1e-5) | faces | s "
+              "| init s |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for resolution, steps in fits:
         for name in meshes:

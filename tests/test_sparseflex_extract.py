@@ -7,10 +7,10 @@ import pytest
 import torch
 import trimesh
 
-import focusing.sparseflex.extract as extract
 from focusing.data.grid import CORNER_OFFSETS
-from focusing.io import Mesh
 from focusing.data.sampling import sample_surface
+from focusing.io import Mesh
+from focusing.sparseflex import extract
 from focusing.sparseflex.extract import case_ids, sparseflex_mesh
 
 SPHERE_R = 0.3
@@ -59,7 +59,9 @@ def non_manifold_edges(faces: np.ndarray) -> int:
     return sum(1 for c in Counter(map(tuple, edges)).values() if c != 2)
 
 
-@pytest.mark.parametrize("name, fn, euler, curvature", [("sphere", sphere, 2, 1 / SPHERE_R), ("torus", torus, 0, 1 / TORUS[1])])
+@pytest.mark.parametrize(
+    "name, fn, euler, curvature", [("sphere", sphere, 2, 1 / SPHERE_R), ("torus", torus, 0, 1 / TORUS[1])]
+)
 def test_analytic_shapes_closed_and_accurate(name, fn, euler, curvature):
     errors = {}
     for resolution in (32, 64):
@@ -93,9 +95,10 @@ def _distance_along_normal(mesh, points, normals, offset=0.01):
     """Distance from each point to the first mesh hit on the line along its normal (an upper bound)."""
     from trimesh.ray.ray_pyembree import RayMeshIntersector
 
-    hits, ray_idx, _ = RayMeshIntersector(mesh).intersects_location(points - offset * normals, normals, multiple_hits=False)
+    origins = points - offset * normals
+    hits, ray_idx, _ = RayMeshIntersector(mesh).intersects_location(origins, normals, multiple_hits=False)
     dist = np.full(len(points), np.inf)
-    dist[ray_idx] = np.abs(np.linalg.norm(hits - (points - offset * normals)[ray_idx], axis=1) - offset)
+    dist[ray_idx] = np.abs(np.linalg.norm(hits - origins[ray_idx], axis=1) - offset)
     return dist
 
 
@@ -133,7 +136,8 @@ def test_plane_vertices_exact():
 
 def test_open_slab_gives_a_sheet_without_walls():
     resolution, nx, ny = 32, 10, 7
-    g = torch.stack(torch.meshgrid(torch.arange(4, 4 + nx), torch.arange(6, 6 + ny), torch.arange(14, 18), indexing="ij"), -1)
+    ranges = torch.arange(4, 4 + nx), torch.arange(6, 6 + ny), torch.arange(14, 18)
+    g = torch.stack(torch.meshgrid(*ranges, indexing="ij"), -1)
     xyz = g.reshape(-1, 3)
     coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.int64), xyz], 1).to(torch.int32)
     z0 = 0.013
@@ -171,7 +175,7 @@ def _small_case(size=3, dtype=torch.float64, seed=0):
     coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.int64), xyz], 1).to(torch.int32)
     n = len(coords)
     pos = (coords[:, None, 1:] + CORNER_OFFSETS).to(dtype) / 8 - 0.5
-    centre = torch.full((3,), (2 + size / 2) / 8 - 0.5, dtype=dtype) + 0.01 * torch.tensor([1.0, -1.0, 0.0], dtype=dtype)
+    centre = (2 + size / 2) / 8 - 0.5 + 0.01 * torch.tensor([1.0, -1.0, 0.0], dtype=dtype)
     sdf = (pos - centre).norm(dim=-1) - 0.045 * size
     sdf = sdf + 0.01 * torch.rand(n, 8, generator=g, dtype=dtype)  # voxels disagree a little on shared corners
     deform = 0.3 * torch.randn(n, 8, 3, generator=g, dtype=dtype)
@@ -189,7 +193,7 @@ def test_gradients_match_finite_differences(training):
         coords, *params = _small_case(size)
         params = [p.requires_grad_() for p in params]
 
-        def fn(sdf, deform, alpha, beta, gamma):
+        def fn(sdf, deform, alpha, beta, gamma, coords=coords):
             res = sparseflex_mesh(coords, 8, sdf, deform, alpha, beta, gamma, training=training)
             return res.vertices, res.dev_loss, res.consistency
 
@@ -309,3 +313,19 @@ def test_empty_and_fully_inside_sets():
     coords, sdf = _random_field_block(0, n=3)
     res = extract_sdf(coords, 8, -sdf.abs() - 0.1)
     assert len(res.vertices) == 0 and len(res.faces) == 0 and float(res.dev_loss) == 0.0
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    coords = band_voxels(torus, 48)
+    sdf = corner_values(torus, coords, 48).float()
+    n = len(coords)
+    g = torch.Generator().manual_seed(0)
+    params = [sdf, 0.2 * torch.randn(n, 8, 3, generator=g), 0.3 * torch.randn(n, 8, generator=g),
+              0.3 * torch.randn(n, 12, generator=g), torch.randn(n, generator=g)]
+    for training in (False, True):
+        cpu = sparseflex_mesh(coords, 48, *params, training=training)
+        gpu = sparseflex_mesh(coords.cuda(), 48, *[p.cuda() for p in params], training=training)
+        assert torch.equal(gpu.faces.cpu(), cpu.faces)
+        assert torch.allclose(gpu.vertices.cpu(), cpu.vertices, atol=1e-6)
+        assert torch.allclose(gpu.dev_loss.cpu(), cpu.dev_loss, atol=1e-6)

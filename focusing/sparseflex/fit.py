@@ -28,7 +28,6 @@ from focusing.errors import FocusingError
 from focusing.io.mesh import Mesh
 from focusing.sparseflex.extract import SparseFlexResult, sparseflex_mesh
 
-
 FULL_COVERAGE = 1 - 1e-4  # antialiased mask value above which a pixel is not a silhouette blend
 
 
@@ -99,7 +98,7 @@ def dilate(coords: torch.Tensor, resolution: int, radius: int = 1) -> torch.Tens
 def _view_pool(mesh: Mesh, config: FitConfig, device: torch.device, generator: torch.Generator):
     """Pool cameras (random, part of them zoomed onto random surface points) and their GT renders."""
     from focusing.data.sampling import sample_surface
-    from focusing.render import Camera, render_mesh, random_cameras
+    from focusing.render import Camera, random_cameras, render_mesh
 
     n = config.view_pool
     cams = random_cameras(
