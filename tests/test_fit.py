@@ -7,7 +7,7 @@ import torch
 from focusing.cli import main
 from focusing.eval.metrics import surface_metrics
 from focusing.io import load_mesh, normalize
-from focusing.sparseflex.fit import FitConfig, dilate, init_field, optimize_field, result_mesh
+from focusing.sparseflex.fit import FitConfig, dilate, fit_mesh, init_field, optimize_field, result_mesh
 
 
 def test_dilate_adds_the_26_neighbourhood_inside_the_grid():
@@ -45,3 +45,10 @@ def test_fit_command_writes_the_mesh_in_the_input_units(data_dir, tmp_path, caps
     assert np.allclose(fitted.bounds, gt.bounds, atol=0.1 * extent.max())  # mapped back, not in [-0.5, 0.5]^3
     assert main(["fit", str(src), "-r", "16", "-o", str(tmp_path / "x.xyz")]) == 1
     assert "x.xyz" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_fit_runs_on_cuda(data_dir):
+    gt, _ = normalize(load_mesh(data_dir / "idler_riser.ply"))
+    out = fit_mesh(gt, 32, steps=25, device="cuda", config=FitConfig(image_size=80, view_pool=6, views_per_step=2))
+    assert surface_metrics(out, gt, normalize=False).fscore >= 0.85
