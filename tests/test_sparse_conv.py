@@ -80,7 +80,7 @@ def test_gemm_chunked_equals_unchunked(monkeypatch):
 
 
 def test_backend_selection(monkeypatch):
-    assert resolve_backend(None, "cpu") == "scatter" and resolve_backend(None, "cuda") == "gemm"
+    assert resolve_backend(None, "cpu") == "scatter" and resolve_backend(None, "cuda") == "triton"
     monkeypatch.setenv("FOCUSING_CONV_BACKEND", "gemm")
     assert resolve_backend(None, "cpu") == "gemm"
     assert resolve_backend("scatter", "cuda") == "scatter"
