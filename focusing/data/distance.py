@@ -78,7 +78,7 @@ def surface_distance(
 ) -> torch.Tensor:
     """Exact unsigned distances [N] float64 from points [N, 3] to the mesh, clamped to `max_distance`.
 
-    proxy_radius: the largest proxy radius (default max_distance / 2, or twice the median triangle radius when
+    proxy_radius: the largest proxy radius (default max_distance, or twice the median triangle radius when
     unbounded). k: initial number of KD-tree neighbours. Runs the exact distances on `device` (default: the
     points' device), the KD-tree on CPU.
     """
@@ -91,7 +91,7 @@ def surface_distance(
     tris = mesh.vertices[mesh.faces]
     if proxy_radius is None:
         rho = np.linalg.norm(tris - tris.mean(1, keepdims=True), axis=2).max(1)
-        proxy_radius = max_distance / 2 if math.isfinite(max_distance) else 2 * float(np.median(rho))
+        proxy_radius = max_distance if math.isfinite(max_distance) else 2 * float(np.median(rho))
     centres, radius, owner = triangle_proxies(tris, proxy_radius)
     rho_max = float(radius.max()) * (1 + 1e-9) + 1e-12  # margin for rounding in the bound
     tree = KDTree(centres)
