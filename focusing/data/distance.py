@@ -20,25 +20,26 @@ import math
 import numpy as np
 import torch
 
+from focusing.data.vec3 import cross, dot, norm
 from focusing.io.mesh import Mesh
 
 
 def _segment_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[...] distance from points p to segments ab (all [..., 3])."""
     ab, ap = b - a, p - a
-    t = ((ap * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-300)).clamp(0.0, 1.0)
-    return (ap - t[..., None] * ab).norm(dim=-1)
+    t = (dot(ap, ab) / dot(ab, ab).clamp_min(1e-300)).clamp(0.0, 1.0)
+    return norm(ap - t[..., None] * ab)
 
 
 def point_triangle_distance(p: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     """Exact Euclidean distance [...] from points p [..., 3] to closed triangles tri [..., 3, 3]."""
     a, b, c = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
-    n = torch.linalg.cross(b - a, c - a, dim=-1)
-    nn = (n * n).sum(-1)
+    n = cross(b - a, c - a)
+    nn = dot(n, n)
     inside = nn > 0
     for u, v in ((a, b), (b, c), (c, a)):  # p projects inside iff it is left of every edge (seen along n)
-        inside = inside & ((n * torch.linalg.cross(v - u, p - u, dim=-1)).sum(-1) >= 0)
-    plane = ((p - a) * n).sum(-1).abs() / nn.clamp_min(1e-300).sqrt()
+        inside = inside & (dot(n, cross(v - u, p - u)) >= 0)
+    plane = dot(p - a, n).abs() / nn.clamp_min(1e-300).sqrt()
     edges = torch.minimum(torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)), _segment_distance(p, c, a))
     return torch.where(inside, torch.minimum(plane, edges), edges)
 
