@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from focusing.data.distance import point_triangle_distance, surface_distance, triangle_proxies
+from focusing.data.distance import TriangleGrid, point_triangle_distance, surface_distance
 from focusing.data.grid import voxel_corners
 from focusing.data.tsdf import corner_tsdf, winding_number
 from focusing.data.voxelize import voxelize, with_batch
@@ -66,30 +66,30 @@ def _brute_distance(mesh: Mesh, q: np.ndarray) -> torch.Tensor:
     return torch.cat([point_triangle_distance(torch.tensor(q[i : i + 64])[:, None], tris[None]).amin(1) for i in range(0, len(q), 64)])
 
 
-@pytest.mark.parametrize("max_distance, proxy_radius", [(math.inf, None), (0.05, None), (0.03, 0.01)])
-def test_surface_distance_is_exact(data_dir, max_distance, proxy_radius):
+@pytest.mark.parametrize("max_distance, resolution", [(0.05, None), (0.2, 16), (3 / 64, 64)])
+def test_surface_distance_is_exact(data_dir, max_distance, resolution):
     mesh, _ = normalize(load_mesh(data_dir / "featuretype_block.ply"))  # CAD: large and small triangles
     rng = np.random.default_rng(1)
     q = np.concatenate([rng.uniform(-0.6, 0.6, (300, 3)), mesh.vertices[:200] + rng.normal(0, 0.01, (200, 3))])
-    got = surface_distance(mesh, q, max_distance, proxy_radius=proxy_radius, k=2)  # k = 2: forces re-queries
+    got = surface_distance(mesh, q, max_distance, resolution=resolution)
     expect = _brute_distance(mesh, q).clamp(max=max_distance)
-    assert torch.allclose(got, expect, rtol=0, atol=1e-15)
+    assert torch.allclose(got, expect, rtol=1e-12, atol=1e-15)  # exact up to the grid-unit scaling
+    assert (expect < max_distance).sum() > 100  # not vacuous
 
 
-def test_proxies_cover_their_triangles():
-    rng = np.random.default_rng(2)
-    tris = rng.normal(size=(30, 3, 3))
-    centres, radius, owner = triangle_proxies(tris, 0.2)
-    assert radius.max() <= 0.2 + 1e-12
-    # Sub-triangle areas add up: n^2 congruent pieces of area A / n^2 each.
-    counts = np.bincount(owner, minlength=len(tris))
-    assert all(int(round(math.sqrt(c))) ** 2 == c for c in counts)
-    # Every point of a triangle is within its owner's proxy radius of some proxy centre.
-    b = rng.dirichlet(np.ones(3), (30, 400))
-    pts = np.einsum("fsk,fkc->fsc", b, tris)
-    for f in range(len(tris)):
-        d = np.linalg.norm(pts[f][:, None] - centres[owner == f][None], axis=2).min(1)
-        assert (d <= radius[owner == f].max() + 1e-12).all()
+def test_triangle_grid_corners_and_chunking(data_dir):
+    mesh, _ = normalize(load_mesh(data_dir / "milk_truck.ply"))
+    r = 32
+    grid = TriangleGrid(mesh, r)
+    corners = voxel_corners(with_batch(voxelize(mesh, r)))[0][::4, 1:]
+    far = torch.tensor([[0, 0, 0], [r, r, r], [r // 2, 0, r]])  # grid corners possibly far from the surface
+    g = torch.cat([corners, far]).double()
+    expect = (_brute_distance(mesh, (g / r - 0.5).numpy()) * r).clamp(max=3.0)
+    assert torch.allclose(grid.distance(g, 3.0), expect, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(grid.distance(g, 3.0, budget=3000), expect, rtol=1e-12, atol=1e-12)
+    assert (expect[: len(corners)] <= math.sqrt(3) + 1e-9).all()  # corners of active voxels: within a diagonal
+    with pytest.raises(ValueError, match="normalised frame"):
+        TriangleGrid(Mesh(mesh.vertices * 2, mesh.faces), r)
 
 
 def test_winding_number_closed_sphere_exact_and_tree():

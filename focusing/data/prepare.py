@@ -376,7 +376,7 @@ def read_index(cache_dir: str | os.PathLike) -> list[dict]:
                 entries[entry["id"]] = entry
     if not files:
         for f in sorted(cache_dir.glob("items/*/*.safetensors")):
-            meta = read_item_meta(f)
+            meta = None if f.name.startswith(".") else read_item_meta(f)  # skip temporaries of killed runs
             if meta is not None:
                 entries[meta["id"]] = {**meta, "file": f.relative_to(cache_dir).as_posix(), "status": "ok"}
     return [entries[k] for k in sorted(entries)]
