@@ -77,7 +77,7 @@ class TriangleGrid:
         if not math.isfinite(max_distance) or max_distance <= 0:
             raise ValueError(f"max_distance must be positive and finite, got {max_distance}")
         g = g.to(self.device, torch.float64).reshape(-1, 3)
-        budget = budget or (1 << 24 if self.device.type == "cuda" else 1 << 20)
+        budget = budget or (1 << 22 if self.device.type == "cuda" else 1 << 20)
         out = torch.full((len(g),), float(max_distance), dtype=torch.float64, device=self.device)
         todo = torch.arange(len(g), device=self.device)  # points not resolved yet
         passes = math.ceil(max_distance)

@@ -36,8 +36,9 @@ from focusing.data.vec3 import cross, dot, norm
 from focusing.io.mesh import Mesh
 
 DEFAULT_BETA = 2.0
-EXACT_PAIRS = 1 << 23
-"""`method="auto"` evaluates exactly when points x triangles is at most this."""
+EXACT_FACES, EXACT_PAIRS = 256, 1 << 20
+"""`method="auto"` evaluates exactly for meshes of at most EXACT_FACES triangles or at most EXACT_PAIRS
+(point, triangle) pairs, where that is faster than the tree."""
 
 
 def solid_angle(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ class WindingTree:
         offsets = torch.arange(self.leaf_size, device=q.device)
         flat = acc.view(-1)
         size = q.shape[1]
-        step = max(1, (1 << 18) // (self.leaf_size * size))
+        step = max(1, (1 << 22 if q.device.type == "cuda" else 1 << 18) // (self.leaf_size * size))
         for s in range(0, len(ci), step):
             c, tri = ci[s : s + step], node[s : s + step, None] * self.leaf_size + offsets  # [K], [K, L]
             r = self.tri_centre[tri][:, None] - q[c][:, :, None]  # [K, Q, L, 3]
@@ -188,15 +189,16 @@ def winding_number(
 ) -> torch.Tensor:
     """Generalised winding numbers [N] float64 of points [N, 3] (tensor or array) w.r.t. `mesh`.
 
-    method: "exact" (all pairs), "tree" (Barnes-Hut, `beta` = opening ratio) or "auto" (exact when
-    N * F <= EXACT_PAIRS, else tree). Runs on `device` (default: the points' device, or CPU for arrays).
+    method: "exact" (all pairs), "tree" (Barnes-Hut, `beta` = opening ratio) or "auto" (exact for small
+    problems, see EXACT_FACES, else tree). Runs on `device` (default: the points' device, or CPU for arrays).
     """
     if device is None:
         device = points.device if isinstance(points, torch.Tensor) else "cpu"
     device = torch.device(device)
     points = torch.as_tensor(points, dtype=torch.float64, device=device).reshape(-1, 3)
     if method == "auto":
-        method = "exact" if len(points) * len(mesh.faces) <= EXACT_PAIRS else "tree"
+        small = len(mesh.faces) <= EXACT_FACES or len(points) * len(mesh.faces) <= EXACT_PAIRS
+        method = "exact" if small else "tree"
     if method == "exact":
         return _exact(_triangles(mesh, device), points, 1 << 22 if device.type == "cuda" else 1 << 20)
     if method == "tree":
