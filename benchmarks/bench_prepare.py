@@ -8,6 +8,7 @@ that a 1M-face mesh at R = 1024 voxelises within a few GB.
 
     python benchmarks/bench_prepare.py --device cuda --json bench_prepare.json      # full: R = 256, 512, 1024
     python benchmarks/bench_prepare.py --quick                                       # smoke run on CPU
+    python benchmarks/bench_prepare.py --meshes bunny_x16 --resolutions 1024 --voxelize-only   # 1M faces, memory
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ def mesh_path(name: str, workdir: Path) -> Path:
     return out
 
 
-def run_case(path: str, resolution: int, points: int, device: str, threads: int | None) -> dict:
-    """One case in this process: prepare the mesh, write the item to a temporary file, report the figures."""
+def run_case(path: str, resolution: int, points: int, device: str, threads: int | None, voxelize_only: bool) -> dict:
+    """One case in this process: prepare the mesh, write the item to a temporary file, report the figures.
+    With `voxelize_only`, just load + normalise and build the voxel pyramid (the other steps read 0)."""
     import torch
 
     from focusing.data.prepare import PrepareSettings, _StepTimer, prepare_mesh, write_item
+    from focusing.data.voxelize import voxel_pyramid
+    from focusing.io import load_mesh, normalize
 
     import trimesh  # noqa: F401  (imported up front: import time is not the load step's)
 
@@ -73,19 +77,34 @@ def run_case(path: str, resolution: int, points: int, device: str, threads: int 
 
     settings = PrepareSettings(resolution=resolution, points=points, device=device)
     timer = Timer(dev)
+    if voxelize_only:
+        mesh, _ = normalize(load_mesh(path))
+        timer.mark("load")
+        pyramid = voxel_pyramid(mesh, resolution, device=dev)
+        timer.mark("voxelize")
+        for step in ("sample", "tsdf", "write"):
+            timer.seconds[step] = 0.0
+        counts = {"faces": len(mesh.faces), "corners": 0, **{f"voxels_{k}": len(v) for k, v in pyramid.items()}}
+        return _row(path, resolution, 0, counts, sorted(pyramid), timer, rss, 0, device)
     tensors, meta = prepare_mesh(path, settings, timer)
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "item.safetensors"
         write_item(file, tensors, meta)
         timer.mark("write")
         size = file.stat().st_size
+    return _row(path, resolution, points, meta["counts"], meta["levels"], timer, rss, size, device)
+
+
+def _row(path, resolution, points, counts, levels, timer, rss, size, device) -> dict:
+    import torch
+
     return {
         "mesh": Path(path).stem,
-        "faces": meta["counts"]["faces"],
+        "faces": counts["faces"],
         "resolution": resolution,
         "points": points,
-        "voxels": [meta["counts"][f"voxels_{level}"] for level in meta["levels"]],
-        "corners": meta["counts"]["corners"],
+        "voxels": [counts[f"voxels_{level}"] for level in levels],
+        "corners": counts["corners"],
         "seconds": timer.seconds,
         "total_s": sum(timer.seconds.values()),
         "peak_rss_gib": rss,
@@ -120,11 +139,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke run: idler_riser and bunny at R = 32, 64, 20K points")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.add_argument("--voxelize-only", action="store_true", help="only load + voxel pyramid (e.g. the 1M-face memory check)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case (default 3600)")
     p.add_argument("--case", nargs=2, metavar=("PATH", "R"), help=argparse.SUPPRESS)  # internal: one case
     args = p.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.points, args.device, args.threads)))
+        row = run_case(args.case[0], int(args.case[1]), args.points, args.device, args.threads, args.voxelize_only)
+        print(json.dumps(row))
         return
     meshes = args.meshes or (QUICK_MESHES if args.quick else MESHES)
     resolutions = [32, 64] if args.quick else args.resolutions
@@ -136,6 +157,7 @@ def main() -> None:
             for r in resolutions:
                 cmd = [sys.executable, __file__, "--case", str(path), str(r), "--points", str(points), "--device", args.device]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
+                cmd += ["--voxelize-only"] if args.voxelize_only else []
                 start = time.perf_counter()
                 try:
                     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)

@@ -56,9 +56,10 @@ def test_items_hold_what_the_modules_compute(cache, inputs):
             assert item[key].dtype == torch.int32 and torch.equal(item[key], pyramid[level])
         corners = voxel_corners(with_batch(pyramid[R]))[0][:, 1:]
         assert item["corners"].dtype == torch.int32 and torch.equal(item["corners"], corners)
-        expect = corner_tsdf(mesh, corners, R)
-        assert item["tsdf"].dtype == torch.float32
-        assert (item["tsdf"] - expect).abs().max() <= 3.0 / R * 2**-10  # float16 storage in voxel units
+        assert item["tsdf"].dtype == torch.float32 and item["tsdf"].shape == (len(corners),)
+        if name in ("idler_riser", "lilium_surface"):  # closed CAD part, open sheet
+            expect = corner_tsdf(mesh, corners, R)
+            assert (item["tsdf"] - expect).abs().max() <= 3.0 / R * 2**-10  # float16 storage in voxel units
         assert item["points"].shape == (2048, 3) and item["normals"].shape == (2048, 3)
         assert torch.allclose(item["normals"].norm(dim=1), torch.ones(2048), atol=1e-5)
         assert np.allclose(item["vertices"].numpy(), mesh.vertices, atol=1e-6)
@@ -114,8 +115,9 @@ def test_sharding_assigns_every_item_to_exactly_one_rank(cache, inputs, tmp_path
     assert assign(list(reversed(many)), 1, 3) == list(reversed(assign(many, 1, 3)))  # order-independent
     # Two ranks into one cache: each writes its own index; reading merges them; nothing is done twice.
     out = tmp_path / "sharded"
-    reports = [prepare_dataset([inputs], out, SETTINGS, rank=r, world_size=2, progress=False) for r in (0, 1)]
-    assert sum(r.prepared for r in reports) == len(MESHES)
+    small = PrepareSettings(resolution=8, points=64)
+    reports = [prepare_dataset([inputs], out, small, rank=r, world_size=2, progress=False) for r in (0, 1)]
+    assert sum(r.prepared for r in reports) == len(MESHES) and all(r.prepared for r in reports)
     assert sorted(p.name for p in out.glob("index-*.json")) == ["index-00000-of-00002.json", "index-00001-of-00002.json"]
     merged = read_index(out)
     assert [e["id"] for e in merged] == [e["id"] for e in read_index(cache)]
