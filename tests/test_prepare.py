@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -13,7 +15,15 @@ import torch
 from focusing.cli import main
 from focusing.data.dataset import LEVEL_KEYS, ShapeDataset, collate_shapes
 from focusing.data.grid import voxel_corners
-from focusing.data.prepare import PrepareSettings, assign, find_items, prepare_dataset, read_index
+from focusing.data.prepare import (
+    PrepareSettings,
+    _run_pool,
+    assign,
+    find_items,
+    prepare_dataset,
+    process_item,
+    read_index,
+)
 from focusing.data.tsdf import corner_tsdf
 from focusing.data.voxelize import voxel_pyramid, with_batch
 from focusing.io import load_mesh, normalize
@@ -131,6 +141,26 @@ def test_worker_processes(inputs, tmp_path):
     assert (report.prepared, report.failed) == (2, [])
     index = json.loads((out / "index-00000-of-00001.json").read_text())
     assert index["resolution"] == 16 and len(index["items"]) == 2
+
+
+def _crash_on_ladder(item, out_dir, settings):
+    """A worker function that kills its process on one item (as the OOM killer would)."""
+    if "steel_ladder" in item.key:
+        os._exit(3)
+    return process_item(item, out_dir, settings)
+
+
+def test_a_dying_worker_fails_its_items_and_the_batch_goes_on(inputs, tmp_path):
+    items = find_items([inputs])
+    out = tmp_path / "crash"
+    entries = []
+    work = functools.partial(_crash_on_ladder, out_dir=out, settings=PrepareSettings(resolution=8, points=64))
+    _run_pool(items, work, 1, entries.append)
+    assert sorted(e["id"] for e in entries) == sorted(i.id for i in items)  # every item exactly once
+    status = {e["key"].split("/")[-1]: e["status"] for e in entries}
+    assert status["steel_ladder.ply"] == "failed"
+    assert "worker process died" in next(e["error"] for e in entries if "steel_ladder" in e["key"])
+    assert list(status.values()).count("ok") >= len(items) - 2  # at most the other item in flight is lost
 
 
 def test_dataset_subsamples_and_collates(cache):

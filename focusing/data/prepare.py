@@ -33,6 +33,7 @@ Semantics:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -318,16 +319,17 @@ def prepare_dataset(
                     save_index()
                     last_save = time.monotonic()
         else:
-            _run_pool(todo, out_dir, settings, workers, lambda e: record(e, bar))
+            _run_pool(todo, functools.partial(process_item, out_dir=out_dir, settings=settings), workers, lambda e: record(e, bar))
     finally:
         bar.close()
         save_index()
     return report
 
 
-def _run_pool(todo: list[Item], out_dir, settings: PrepareSettings, workers: int, record) -> None:
-    """Run items in `workers` spawned processes, at most 2 per worker in flight. A worker that dies (killed for
-    memory, crash) fails the items it had in flight; the pool is restarted and the batch goes on."""
+def _run_pool(todo: list[Item], work, workers: int, record) -> None:
+    """`record(work(item))` for every item, in `workers` spawned processes, at most 2 per worker in flight
+    (`work` must be picklable). A worker that dies (killed for memory, crash) fails the items the pool had in
+    flight; the pool is restarted and the batch goes on."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(todo))
@@ -336,9 +338,15 @@ def _run_pool(todo: list[Item], out_dir, settings: PrepareSettings, workers: int
             running: dict[cf.Future, Item] = {}
             broken = False
             while (queue or running) and not broken:
-                while queue and len(running) < 2 * workers:
+                while queue and len(running) < 2 * workers and not broken:
                     item = queue.pop()
-                    running[pool.submit(process_item, item, out_dir, settings)] = item
+                    try:
+                        running[pool.submit(work, item)] = item
+                    except cf.process.BrokenProcessPool:
+                        queue.append(item)
+                        broken = True
+                if not running:
+                    break
                 finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in finished:
                     item = running.pop(future)
@@ -346,12 +354,12 @@ def _run_pool(todo: list[Item], out_dir, settings: PrepareSettings, workers: int
                         record(future.result())
                     except cf.process.BrokenProcessPool:
                         broken = True
-                        record(_died(item, out_dir))
+                        record(_died(item))
             for item in running.values():  # the pool broke: everything still in flight is lost
-                record(_died(item, out_dir))
+                record(_died(item))
 
 
-def _died(item: Item, out_dir) -> dict:
+def _died(item: Item) -> dict:
     return {
         "id": item.id,
         "key": item.key,
