@@ -57,12 +57,11 @@ def run_case(path: str, resolution: int, points: int, device: str, threads: int 
     """One case in this process: prepare the mesh, write the item to a temporary file, report the figures.
     With `voxelize_only`, just load + normalise and build the voxel pyramid (the other steps read 0)."""
     import torch
+    import trimesh  # noqa: F401  (imported up front: import time is not the load step's)
 
     from focusing.data.prepare import PrepareSettings, _StepTimer, prepare_mesh, write_item
     from focusing.data.voxelize import voxel_pyramid
     from focusing.io import load_mesh, normalize
-
-    import trimesh  # noqa: F401  (imported up front: import time is not the load step's)
 
     if threads:
         torch.set_num_threads(threads)
@@ -116,7 +115,11 @@ def _row(path, resolution, points, counts, levels, timer, rss, size, device) -> 
 
 
 def table(rows: list[dict]) -> str:
-    head = ["mesh", "faces", "R", "voxels(R)", "corners"] + [f"{s} s" for s in STEPS] + ["total s", "RSS GiB", "CUDA GiB", "MiB"]
+    head = (
+        ["mesh", "faces", "R", "voxels(R)", "corners"]
+        + [f"{s} s" for s in STEPS]
+        + ["total s", "RSS GiB", "CUDA GiB", "MiB"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -125,7 +128,12 @@ def table(rows: list[dict]) -> str:
         cuda = max(r["cuda_peak_gib"].values()) if r["cuda_peak_gib"] else float("nan")
         cells = [r["mesh"], f"{r['faces']:,}", str(r["resolution"]), f"{r['voxels'][-1]:,}", f"{r['corners']:,}"]
         cells += [f"{r['seconds'][s]:.2f}" for s in STEPS]
-        cells += [f"{r['total_s']:.2f}", f"{max(r['peak_rss_gib'].values()):.2f}", f"{cuda:.2f}", f"{r['file_mib']:.0f}"]
+        cells += [
+            f"{r['total_s']:.2f}",
+            f"{max(r['peak_rss_gib'].values()):.2f}",
+            f"{cuda:.2f}",
+            f"{r['file_mib']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,7 +147,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="smoke run: idler_riser and bunny at R = 32, 64, 20K points")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
-    p.add_argument("--voxelize-only", action="store_true", help="only load + voxel pyramid (e.g. the 1M-face memory check)")
+    p.add_argument(
+        "--voxelize-only", action="store_true", help="only load + voxel pyramid (e.g. the 1M-face memory check)"
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case (default 3600)")
     p.add_argument("--case", nargs=2, metavar=("PATH", "R"), help=argparse.SUPPRESS)  # internal: one case
     args = p.parse_args()
@@ -155,20 +165,35 @@ def main() -> None:
         for name in meshes:
             path = mesh_path(name, Path(workdir))
             for r in resolutions:
-                cmd = [sys.executable, __file__, "--case", str(path), str(r), "--points", str(points), "--device", args.device]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    str(path),
+                    str(r),
+                    "--points",
+                    str(points),
+                    "--device",
+                    args.device,
+                ]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
                 cmd += ["--voxelize-only"] if args.voxelize_only else []
                 start = time.perf_counter()
                 try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+                    done = subprocess.run(
+                        cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, check=False
+                    )
                     ok = done.returncode == 0
                     row = json.loads(done.stdout.strip().splitlines()[-1]) if ok else None
-                    error = None if ok else (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]
+                    error = None if ok else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
                 except subprocess.TimeoutExpired:
                     row, error = None, f"timeout after {args.timeout:.0f} s"
                 rows.append(row or {"mesh": name, "resolution": r, "error": error})
                 wall = time.perf_counter() - start
-                print(f"{name} R={r}: {'%.1f s' % row['total_s'] if row else error} (case wall {wall:.1f} s)", file=sys.stderr)
+                print(
+                    f"{name} R={r}: {'%.1f s' % row['total_s'] if row else error} (case wall {wall:.1f} s)",  # noqa: UP031
+                    file=sys.stderr,
+                )
     print(table(rows))
     if args.json:
         import torch

@@ -96,7 +96,23 @@ def test_resume_skips_done_items_and_reports_bad_ones(cache, inputs, tmp_path, c
     # The CLI: exit 0 by default, 1 with --strict; the summary goes to stderr.
     assert main(["prepare", str(folder), "--out", str(out), "--resolution", str(R), "--points", "2048", "--quiet"]) == 0
     assert "skipped 5" in capsys.readouterr().err
-    assert main(["prepare", str(folder), "--out", str(out), "--resolution", str(R), "--points", "2048", "--quiet", "--strict"]) == 1
+    assert (
+        main(
+            [
+                "prepare",
+                str(folder),
+                "--out",
+                str(out),
+                "--resolution",
+                str(R),
+                "--points",
+                "2048",
+                "--quiet",
+                "--strict",
+            ]
+        )
+        == 1
+    )
     # Changed settings redo the item (and only that resolution's files are trusted).
     single = folder / "idler_riser.ply"
     report = prepare_dataset([single], out, PrepareSettings(resolution=R, points=1024), progress=False)
@@ -128,7 +144,10 @@ def test_sharding_assigns_every_item_to_exactly_one_rank(cache, inputs, tmp_path
     small = PrepareSettings(resolution=8, points=64)
     reports = [prepare_dataset([inputs], out, small, rank=r, world_size=2, progress=False) for r in (0, 1)]
     assert sum(r.prepared for r in reports) == len(MESHES) and all(r.prepared for r in reports)
-    assert sorted(p.name for p in out.glob("index-*.json")) == ["index-00000-of-00002.json", "index-00001-of-00002.json"]
+    assert sorted(p.name for p in out.glob("index-*.json")) == [
+        "index-00000-of-00002.json",
+        "index-00001-of-00002.json",
+    ]
     merged = read_index(out)
     assert [e["id"] for e in merged] == [e["id"] for e in read_index(cache)]
     assert all(e["status"] == "ok" for e in merged)

@@ -52,8 +52,10 @@ def test_point_triangle_distance_matches_dense_sampling():
     i, j = np.meshgrid(np.arange(m + 1), np.arange(m + 1), indexing="ij")
     keep = i + j <= m
     b = np.stack([i[keep], j[keep]], 1) / m  # [S, 2]
-    pts = tri[:, None, 0] + b[None, :, :1] * (tri[:, None, 1] - tri[:, None, 0]) + b[None, :, 1:] * (
-        tri[:, None, 2] - tri[:, None, 0]
+    pts = (
+        tri[:, None, 0]
+        + b[None, :, :1] * (tri[:, None, 1] - tri[:, None, 0])
+        + b[None, :, 1:] * (tri[:, None, 2] - tri[:, None, 0])
     )
     sampled = np.linalg.norm(pts - p[:, None], axis=2).min(1)
     spacing = np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=2).max(1) / m
@@ -63,7 +65,12 @@ def test_point_triangle_distance_matches_dense_sampling():
 
 def _brute_distance(mesh: Mesh, q: np.ndarray) -> torch.Tensor:
     tris = torch.tensor(mesh.vertices[mesh.faces])
-    return torch.cat([point_triangle_distance(torch.tensor(q[i : i + 64])[:, None], tris[None]).amin(1) for i in range(0, len(q), 64)])
+    return torch.cat(
+        [
+            point_triangle_distance(torch.tensor(q[i : i + 64])[:, None], tris[None]).amin(1)
+            for i in range(0, len(q), 64)
+        ]
+    )
 
 
 @pytest.mark.parametrize("max_distance, resolution", [(0.05, None), (0.2, 16), (3 / 64, 64)])

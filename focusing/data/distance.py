@@ -14,6 +14,7 @@ the triangle, else the nearest of the three edges (segments), which also covers 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -41,7 +42,9 @@ def point_triangle_distance(p: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     for u, v in ((a, b), (b, c), (c, a)):  # p projects inside iff it is left of every edge (seen along n)
         inside = inside & (dot(n, cross(v - u, p - u)) >= 0)
     plane = dot(p - a, n).abs() / nn.clamp_min(1e-300).sqrt()
-    edges = torch.minimum(torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)), _segment_distance(p, c, a))
+    edges = torch.minimum(
+        torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)), _segment_distance(p, c, a)
+    )
     return torch.where(inside, torch.minimum(plane, edges), edges)
 
 
@@ -110,9 +113,11 @@ class TriangleGrid:
         best = torch.full((len(g),), math.inf, dtype=torch.float64, device=g.device)
         count = self.cell_count[slot]
         # Pairs in groups of about `budget`: consecutive (point, cell) entries whose triangle counts add up.
-        cuts = torch.searchsorted(count.cumsum(0), torch.arange(0, int(count.sum()), budget, device=g.device), right=True)
+        cuts = torch.searchsorted(
+            count.cumsum(0), torch.arange(0, int(count.sum()), budget, device=g.device), right=True
+        )
         cuts = torch.unique(torch.cat([cuts, cuts.new_tensor([len(count)])])).tolist()
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             which, pair = _ranges(self.cell_start[slot[a:b]], count[a:b])
             owner = point[a:b][which]
             d = point_triangle_distance(g[owner], self.tris[self.cell_tri[pair]])

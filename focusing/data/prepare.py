@@ -225,7 +225,7 @@ def read_item_meta(file: str | os.PathLike) -> dict | None:
         with safe_open(str(file), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
         return json.loads(raw) if raw else None
-    except Exception:  # a foreign or damaged file counts as not done
+    except Exception:  # noqa: BLE001  (a foreign or damaged file counts as not done)
         return None
 
 
@@ -243,7 +243,7 @@ def process_item(item: Item, out_dir: str | os.PathLike, settings: PrepareSettin
         return {**entry, **meta, "status": "ok", "elapsed": round(time.perf_counter() - start, 3)}
     except InputError as exc:
         return {**entry, "status": "failed", "error": exc.problem}
-    except Exception as exc:  # a batch goes on: record any other failure (e.g. out of memory) with its type
+    except Exception as exc:  # noqa: BLE001  (a batch goes on: record any failure, e.g. out of memory)
         message = (str(exc).strip().splitlines() or [""])[0]
         return {**entry, "status": "failed", "error": f"{type(exc).__name__}: {message}"}
 
@@ -290,7 +290,13 @@ def prepare_dataset(
     for item in items:
         meta = read_item_meta(item.file(out_dir))
         if meta is not None and all(meta.get(k) == v for k, v in settings.identity().items()):
-            entries[item.id] = {"id": item.id, "key": item.key, "file": item.file(".").as_posix(), **meta, "status": "ok"}
+            entries[item.id] = {
+                "id": item.id,
+                "key": item.key,
+                "file": item.file(".").as_posix(),
+                **meta,
+                "status": "ok",
+            }
             report.skipped += 1
         else:
             todo.append(item)
@@ -319,7 +325,12 @@ def prepare_dataset(
                     save_index()
                     last_save = time.monotonic()
         else:
-            _run_pool(todo, functools.partial(process_item, out_dir=out_dir, settings=settings), workers, lambda e: record(e, bar))
+            _run_pool(
+                todo,
+                functools.partial(process_item, out_dir=out_dir, settings=settings),
+                workers,
+                lambda e: record(e, bar),
+            )
     finally:
         bar.close()
         save_index()

@@ -26,6 +26,8 @@ benchmarks/bench_prepare.py).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from focusing.io.mesh import Mesh
@@ -143,7 +145,7 @@ def _overlapping_pairs(mesh: Mesh, resolution: int, device: torch.device, chunk:
         # Groups of consecutive triangles with at most `chunk` (+ one triangle's) candidates each.
         cuts = torch.searchsorted(count.cumsum(0), torch.arange(0, int(count.sum()), chunk, device=device), right=True)
         cuts = torch.unique(torch.cat([cuts, cuts.new_tensor([len(ids)])])).tolist()
-        for first, last in zip(cuts[:-1], cuts[1:]):
+        for first, last in itertools.pairwise(cuts):
             tri, block = _bbox_blocks(ids[first:last], blo[first:last], bhi[first:last])
             found: list[tuple[torch.Tensor, torch.Tensor]] = []
             _descend(grid_tris, tri, block, level, resolution, chunk, found)

@@ -172,7 +172,9 @@ class WindingTree:
             d2 = dot(r, r)
             near = d2 <= (beta * self.tri_radius[tri])[:, None] ** 2
             dipole = torch.where(near, 0.0, dot(self.tri_vec[tri][:, None], r) * d2.rsqrt() / d2)
-            flat.index_add_(0, (c[:, None] * size + torch.arange(size, device=q.device)).reshape(-1), dipole.sum(-1).reshape(-1))
+            flat.index_add_(
+                0, (c[:, None] * size + torch.arange(size, device=q.device)).reshape(-1), dipole.sum(-1).reshape(-1)
+            )
             k, j, l = torch.nonzero(near, as_tuple=True)
             rel = self.tris[tri[k, l]] - q[c[k], j][:, None]  # [n, 3, 3]
             flat.index_add_(0, c[k] * size + j, solid_angle(rel[:, 0], rel[:, 1], rel[:, 2]))
