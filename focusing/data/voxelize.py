@@ -30,6 +30,7 @@ import itertools
 
 import torch
 
+from focusing.data.grid import CORNER_OFFSETS
 from focusing.io.mesh import Mesh
 
 START_BLOCKS_PER_AXIS = 4
@@ -38,7 +39,6 @@ START_BLOCKS_PER_AXIS = 4
 COARSE_MARGIN = 1e-6
 """Inflation (grid units) of coarse blocks, so float rounding can never drop a block holding an active voxel."""
 
-_CHILD_OFFSETS = torch.tensor([[(k >> 0) & 1, (k >> 1) & 1, (k >> 2) & 1] for k in range(8)], dtype=torch.int64)
 
 
 def default_chunk(device: torch.device) -> int:
@@ -73,7 +73,8 @@ def triangle_box_overlap(tri: torch.Tensor, half: float | torch.Tensor) -> torch
 
 
 def _keys(xyz: torch.Tensor, resolution: int) -> torch.Tensor:
-    """[N, 3] int voxel coordinates -> [N] int64 keys that sort lexicographically."""
+    """[N, 3] int voxel coordinates -> [N] int64 keys that sort lexicographically (`grid.linearize` without the
+    batch column, which the hot loop would otherwise have to allocate)."""
     xyz = xyz.to(torch.int64)
     return (xyz[:, 0] * resolution + xyz[:, 1]) * resolution + xyz[:, 2]
 
@@ -117,7 +118,7 @@ def _descend(
         if level == 0:
             out.append((_keys(b, resolution), t))
             continue
-        children = (b[:, None, :] * 2 + _CHILD_OFFSETS.to(b.device)).reshape(-1, 3)
+        children = (b[:, None, :] * 2 + CORNER_OFFSETS.to(b.device, torch.int64)).reshape(-1, 3)  # 8 sub-blocks
         inside = ((children << (level - 1)) < resolution).all(1)
         _descend(grid_tris, t.repeat_interleave(8)[inside], children[inside], level - 1, resolution, chunk, out)
 

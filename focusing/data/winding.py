@@ -152,10 +152,10 @@ class WindingTree:
             if far.any():
                 fc, fn = ci[far], node[far]
                 r = n_centre[fn][:, None, :] - q[fc]  # [K, Q, 3]
-                d2 = (r * r).sum(-1)
+                d2 = dot(r, r)
                 mr = torch.bmm(r, n_mom[fn].transpose(1, 2))  # [K, Q, 3]: (M r) per point
                 trace = n_mom[fn].diagonal(dim1=1, dim2=2).sum(1)[:, None]
-                value = ((r * n_vec[fn][:, None, :]).sum(-1) + trace - 3 * (r * mr).sum(-1) / d2) * d2.rsqrt() / d2
+                value = (dot(r, n_vec[fn][:, None, :]) + trace - 3 * dot(r, mr) / d2) * d2.rsqrt() / d2
                 acc.index_add_(0, fc, value)
             ci, node = ci[~far], node[~far]
             if level < self.depth:
