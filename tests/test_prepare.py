@@ -210,3 +210,17 @@ def test_cli_errors(tmp_path, capsys):
     assert "no mesh files found" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--resolution", "30"]) == 1
     assert "multiple of 4" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_prepare_on_cuda_matches_cpu(inputs):
+    from focusing.data.prepare import prepare_mesh
+
+    path = inputs / "milk_truck.ply"
+    cpu, _ = prepare_mesh(path, PrepareSettings(resolution=64, points=1000))
+    gpu, _ = prepare_mesh(path, PrepareSettings(resolution=64, points=1000, device="cuda"))
+    for key in cpu:
+        if key == "tsdf":
+            assert torch.allclose(gpu[key].float(), cpu[key].float(), atol=1e-3)
+        else:
+            assert torch.equal(gpu[key], cpu[key]), key

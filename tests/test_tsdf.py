@@ -199,3 +199,18 @@ def test_corner_tsdf_open_mesh_is_finite(data_dir):
     s = corner_tsdf(mesh, corners, 32, truncation_voxels=2.0)
     assert torch.isfinite(s).all() and s.abs().max() <= 2.0 / 32 + 1e-7
     assert (s < 0).any() and (s > 0).any()
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(data_dir):
+    mesh, _ = normalize(load_mesh(data_dir / "fertility.ply"))
+    r = 64
+    corners = voxel_corners(with_batch(voxelize(mesh, r)))[0][:, 1:]
+    grid_cpu, grid_gpu = TriangleGrid(mesh, r), TriangleGrid(mesh, r, device="cuda")
+    g = corners.double()
+    assert torch.allclose(grid_gpu.distance(g.cuda(), 3.0).cpu(), grid_cpu.distance(g, 3.0), rtol=0, atol=1e-12)
+    p = g / r - 0.5
+    w_cpu = WindingTree(mesh)(p)
+    w_gpu = WindingTree(mesh, device="cuda")(p.cuda()).cpu()
+    assert torch.allclose(w_gpu, w_cpu, rtol=0, atol=1e-9)
+    assert torch.allclose(corner_tsdf(mesh, corners.cuda(), r).cpu(), corner_tsdf(mesh, corners, r), atol=1e-7)
