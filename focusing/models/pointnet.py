@@ -1,0 +1,90 @@
+"""Local PointNet (paper §3.4, adapted from TripoSF / Convolutional Occupancy Networks): per-voxel features
+pooled from the oriented surface points inside each voxel.
+
+Each point is assigned to the voxel containing it at the latent resolution R. Its input is the offset to that
+voxel's centre in voxel units scaled to [-1, 1] (2 ((p + 0.5) R - (ijk + 0.5))) and its normal. A stack of
+fully connected ResNet blocks runs per point; before each block after the first, the features are pooled over
+the points of the voxel (`local_pool`, max by default as in ConvONet) and concatenated back to every point. The
+last features are pooled into the voxels (`pool`, mean as in TripoSF's config): `[P, 6] -> [N, C]`. Voxels
+without points get zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from focusing.sparse.lookup import find_voxels
+
+_REDUCE = {"mean": "mean", "max": "amax"}
+
+
+class ResnetBlockFC(nn.Module):
+    """x -> shortcut(x) + fc_1(act(fc_0(act(x)))); `[P, C_in] -> [P, C_out]`; fc_1 starts at zero."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, hidden_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        hidden_channels = hidden_channels or min(in_channels, out_channels)
+        self.fc_0 = nn.Linear(in_channels, hidden_channels)
+        self.fc_1 = nn.Linear(hidden_channels, out_channels)
+        self.act = nn.GELU(approximate="tanh")
+        self.shortcut = nn.Linear(in_channels, out_channels, bias=False) if in_channels != out_channels else None
+        nn.init.zeros_(self.fc_1.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dx = self.fc_1(self.act(self.fc_0(self.act(x))))
+        return (self.shortcut(x) if self.shortcut is not None else x) + dx
+
+
+def pool_to_voxels(feats: torch.Tensor, voxel: torch.Tensor, num_voxels: int, reduce: str) -> torch.Tensor:
+    """`[N, C]` per-voxel `reduce` ("mean" or "max") of point features `[P, C]` with voxel index `[P]`; 0 if empty."""
+    out = feats.new_zeros(num_voxels, feats.shape[1])
+    index = voxel[:, None].expand(-1, feats.shape[1])
+    return out.scatter_reduce(0, index, feats, _REDUCE[reduce], include_self=False)
+
+
+class LocalPointNet(nn.Module):
+    """Oriented points -> per-voxel features `[N, out_channels]` (TripoSF: 6 -> 1024, hidden 256, 5 blocks)."""
+
+    def __init__(
+        self,
+        out_channels: int = 1024,
+        hidden_channels: int = 256,
+        num_blocks: int = 5,
+        *,
+        pool: str = "mean",
+        local_pool: str = "max",
+        use_normals: bool = True,
+    ):
+        super().__init__()
+        for name in (pool, local_pool):
+            if name not in _REDUCE:
+                raise ValueError(f"pooling must be one of {sorted(_REDUCE)}, got {name!r}")
+        self.pool, self.local_pool, self.use_normals = pool, local_pool, use_normals
+        self.fc_pos = nn.Linear(6 if use_normals else 3, 2 * hidden_channels)
+        self.blocks = nn.ModuleList(ResnetBlockFC(2 * hidden_channels, hidden_channels) for _ in range(num_blocks))
+        self.fc_c = nn.Linear(hidden_channels, out_channels)
+
+    def forward(
+        self,
+        points: torch.Tensor,
+        normals: torch.Tensor | None,
+        coords: torch.Tensor,
+        resolution: int,
+        point_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """points, normals `[P, 3]` in [-0.5, 0.5]^3; coords `[N, 4]` voxels at `resolution`; point_batch `[P]`
+        batch index of each point (default 0). Points whose voxel is not in coords are ignored."""
+        ijk = torch.floor((points + 0.5) * resolution).clamp_(0, resolution - 1)
+        batch = torch.zeros_like(ijk[:, :1]) if point_batch is None else point_batch[:, None].to(ijk.dtype)
+        voxel = find_voxels(torch.cat([batch, ijk], dim=1).to(torch.int64), coords)
+        inside = voxel >= 0
+        voxel = voxel[inside]
+        offset = 2.0 * ((points[inside] + 0.5) * resolution - (ijk[inside] + 0.5))
+        net = torch.cat([offset, normals[inside]], dim=1) if self.use_normals else offset
+        net = self.blocks[0](self.fc_pos(net))
+        for block in self.blocks[1:]:
+            pooled = pool_to_voxels(net, voxel, len(coords), self.local_pool).index_select(0, voxel)
+            net = block(torch.cat([net, pooled], dim=1))
+        return pool_to_voxels(self.fc_c(net), voxel, len(coords), self.pool)

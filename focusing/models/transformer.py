@@ -1,0 +1,164 @@
+"""Sparse Swin transformer: pre-norm blocks of shifted-window attention + MLP over sparse voxels (paper §3.4).
+
+Blocks alternate window shifts 0 and window_size // 2 so information crosses window borders. The voxel
+positions enter once, as a sinusoidal embedding of the integer coords added after the input layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from focusing.sparse.attention import pack, packed_window_attention, unpack, window_partition
+from focusing.sparse.tensor import SparseTensor
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls will run in: the autocast dtype when autocast is on for t's device, else t's."""
+    device_type = t.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else t.dtype
+
+
+class AbsolutePositionEmbedder(nn.Module):
+    """Sinusoidal embedding of integer voxel coords `[N, 3]` -> `[N, channels]` (no parameters).
+
+    Each axis gets channels // 6 frequencies 1 / max_period^(i / F), as (sin, cos) pairs; leftover channels are 0.
+    """
+
+    def __init__(self, channels: int, max_period: float = 10000.0):
+        super().__init__()
+        self.channels = channels
+        n_freq = channels // 6
+        freqs = 1.0 / max_period ** (torch.arange(n_freq, dtype=torch.float32) / max(n_freq, 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        angles = coords.to(torch.float32)[:, :, None] * self.freqs  # [N, 3, F]
+        emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+        return F.pad(emb, (0, self.channels - emb.shape[1]))
+
+
+class SparseWindowAttention(nn.Module):
+    """Multi-head self-attention within shifted windows: qkv projection, windowed attention, output projection.
+
+    The features are put in window order once (`pack`, a single `[N, C]` gather in the matmul dtype), and the
+    projections run on the packed rows, so only two gathers surround the attention kernel.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        *,
+        window_size: int = 8,
+        shift: int = 0,
+        qk_rms_norm: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
+        self.channels, self.num_heads = channels, num_heads
+        self.window_size, self.shift, self.backend = window_size, shift, backend
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        self.to_out = nn.Linear(channels, channels)
+        head_dim = channels // num_heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_rms_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_rms_norm else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        part = window_partition(x, self.window_size, self.shift)
+        h = pack(x.feats.to(_autocast_dtype(x.feats)), part)  # [T, C] in window order
+        qkv = self.to_qkv(h).view(len(h), 3, self.num_heads, self.channels // self.num_heads)
+        q, k, v = qkv.unbind(1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        out = packed_window_attention(q, k, v, part, self.backend).reshape(len(h), self.channels)
+        return x.replace(unpack(self.to_out(out), part))
+
+
+class SparseTransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); feats `[N, C]` -> `[N, C]`.
+
+    use_checkpoint: recompute the block in the backward pass instead of storing its activations.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        window_size: int = 8,
+        shift: int = 0,
+        use_checkpoint: bool = False,
+        qk_rms_norm: bool = False,
+        attn_backend: str | None = None,
+    ):
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.norm1 = nn.LayerNorm(channels, eps=1e-6)
+        self.attn = SparseWindowAttention(
+            channels, num_heads, window_size=window_size, shift=shift, qk_rms_norm=qk_rms_norm, backend=attn_backend
+        )
+        self.norm2 = nn.LayerNorm(channels, eps=1e-6)
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
+
+    def _forward(self, feats: torch.Tensor, x: SparseTensor) -> torch.Tensor:
+        feats = feats + self.attn(x.replace(self.norm1(feats))).feats
+        return feats + self.mlp(self.norm2(feats))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        window_partition(x, self.attn.window_size, self.attn.shift)  # cache it outside the checkpointed region
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return x.replace(checkpoint(self._forward, x.feats, x, use_reentrant=False))
+        return x.replace(self._forward(x.feats, x))
+
+
+class SparseTransformer(nn.Module):
+    """Input linear + position embedding -> `num_blocks` Swin blocks (shifts 0, w/2, 0, ...) -> norm + output linear.
+
+    feats `[N, in_channels]` -> `[N, out_channels]` on the same voxels.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        window_size: int = 8,
+        use_checkpoint: bool = False,
+        qk_rms_norm: bool = False,
+        attn_backend: str | None = None,
+    ):
+        super().__init__()
+        self.input_layer = nn.Linear(in_channels, model_channels)
+        self.pos_embedder = AbsolutePositionEmbedder(model_channels)
+        self.blocks = nn.ModuleList(
+            SparseTransformerBlock(
+                model_channels,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                window_size=window_size,
+                shift=(window_size // 2) * (i % 2),
+                use_checkpoint=use_checkpoint,
+                qk_rms_norm=qk_rms_norm,
+                attn_backend=attn_backend,
+            )
+            for i in range(num_blocks)
+        )
+        self.out_norm = nn.LayerNorm(model_channels, eps=1e-6)
+        self.out_layer = nn.Linear(model_channels, out_channels)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        h = x.replace(self.input_layer(x.feats) + self.pos_embedder(x.coords[:, 1:]))
+        for block in self.blocks:
+            h = block(h)
+        return h.replace(self.out_layer(self.out_norm(h.feats)))
