@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
         help="preprocess meshes into a training cache (points, voxel pyramid, corner TSDF)",
-        description="Normalises each mesh into [-0.5, 0.5]^3 and writes DIR/items/../<id>.safetensors with the "
+        description="Normalises each mesh into [-0.5, 0.5]^3 and writes DIR/items/<hh>/<id>.safetensors with the "
         "normalised mesh, oriented surface samples, the exact voxels at R/4, R/2 and R, and the truncated SDF "
         "at the corners of the R-level voxels; plus DIR/index-<rank>-of-<world>.json. Resumable: items already "
         "written with the same settings are skipped. Bad meshes are reported and skipped; the exit code is 0 "
