@@ -31,7 +31,8 @@ LEVEL_KEYS = ("voxels_latent", "voxels_mid", "voxels")
 
 
 class ShapeDataset(torch.utils.data.Dataset):
-    """Reads a cache written by `focusing prepare` (all ranks' index files merged).
+    """Reads a cache written by `focusing prepare` (all ranks' index files merged; items whose file is gone are
+    left out).
 
     points: if given, each item returns a random subset of that many surface samples, drawn from a generator
     seeded by (seed, epoch, index): reproducible, and different per epoch after `set_epoch`.
@@ -41,7 +42,8 @@ class ShapeDataset(torch.utils.data.Dataset):
         self.cache_dir = Path(cache_dir)
         if not self.cache_dir.is_dir():
             raise InputError(self.cache_dir, "no such cache folder")
-        self.entries = [e for e in read_index(self.cache_dir) if e["status"] == "ok"]
+        entries = read_index(self.cache_dir)
+        self.entries = [e for e in entries if e["status"] == "ok" and (self.cache_dir / e["file"]).is_file()]
         resolutions = {e["resolution"] for e in self.entries}
         if len(resolutions) > 1:
             raise InputError(self.cache_dir, f"cache mixes resolutions {sorted(resolutions)}")
