@@ -30,7 +30,7 @@ def test_save_load_roundtrip(tmp_path, suffix):
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 
-@pytest.mark.parametrize("suffix", [".stl", ".off"])
+@pytest.mark.parametrize("suffix", [".stl", ".off", ".gltf"])
 def test_load_other_formats(tmp_path, suffix):
     import trimesh
 

@@ -67,3 +67,19 @@ def test_area_weighting():
     m = Mesh(v, np.array([[0, 1, 2], [3, 4, 5]]))
     s = sample_surface(m, 40_000, seed=0)
     assert np.mean(s.face_index == 1) == pytest.approx(0.75, abs=0.01)
+
+
+def test_sampling_normals_follow_face_orientation_and_are_uniform():
+    import trimesh
+
+    s = trimesh.creation.icosphere(3)
+    outward = Mesh(s.vertices, s.faces)
+    a = sample_surface(outward, 5_000, seed=0)
+    assert (np.sum(a.points * a.normals, axis=1) > 0).all()  # outward faces, outward normals
+    b = sample_surface(Mesh(s.vertices, s.faces[:, ::-1]), 5_000, seed=0)
+    assert (np.sum(b.points * b.normals, axis=1) < 0).all()  # flipped winding flips the normals
+    # Uniform within a triangle: the corner sub-triangle x + y < 1/2 holds a quarter of the area.
+    unit = Mesh(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=float), np.array([[0, 1, 2]]))
+    p = sample_surface(unit, 100_000, seed=1).points
+    assert np.mean(p[:, 0] + p[:, 1] < 0.5) == pytest.approx(0.25, abs=0.005)
+    assert np.allclose(p[:, :2].mean(0), 1 / 3, atol=0.003)

@@ -1,13 +1,12 @@
-"""Exact unsigned distance from points to a triangle mesh, with a KD-tree candidate search.
+"""Exact truncated unsigned distance from points to a triangle mesh, with the voxel grid as spatial index.
 
-Every triangle is covered by `proxies`: the triangle itself, or, when its bounding radius rho_T (max distance
-from centroid to a vertex) exceeds `proxy_radius`, the n^2 congruent sub-triangles of its n-fold uniform
-subdivision (n = ceil(rho_T / proxy_radius)), each of bounding radius rho_T / n. A proxy with centroid c and
-radius rho bounds the distance of its triangle from below: d(q, T) >= |q - c| - rho. So for a query q with
-the k nearest proxy centroids (pykdtree), exact distances U to their triangles and D_k the k-th centroid
-distance, every unseen triangle is farther than D_k - rho_max; once D_k - rho_max > min(U, max_distance), the
-answer min(U, max_distance) is exact. Queries that fail the test are re-run with 2k neighbours. Beyond
-`max_distance` only "farther than max_distance" is certified, which is all a truncated SDF needs.
+`TriangleGrid` buckets the triangles of a normalised mesh by the voxels of a grid of resolution G that they
+touch (the exact (voxel, triangle) pairs of `focusing.data.voxelize`). For a query q (grid units) and m = 1,
+2, ...: the candidates are the triangles in the voxels [floor(q - m), ceil(q + m) - 1]^3, which contain every
+surface point closer than m to q. If the nearest candidate is closer than m, it is the exact distance; else
+q goes to the next m, up to ceil(max_distance), where whatever is left is at least max_distance away. A grid
+corner needs only its 8 surrounding voxels while its distance is below one voxel, which is the usual case for
+the corners of active voxels (`corner_tsdf`); corners up to sqrt(3) voxels away take a second pass.
 
 Point-triangle distances are evaluated exactly (float64): the plane distance when the point projects inside
 the triangle, else the nearest of the three edges (segments), which also covers degenerate slivers.
@@ -15,105 +14,133 @@ the triangle, else the nearest of the three edges (segments), which also covers 
 
 from __future__ import annotations
 
+import itertools
 import math
 
-import numpy as np
 import torch
 
+from focusing.data.vec3 import cross, dot, norm
+from focusing.data.voxelize import voxel_triangle_pairs
 from focusing.io.mesh import Mesh
+
+FRAME_TOLERANCE = 1e-9
 
 
 def _segment_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[...] distance from points p to segments ab (all [..., 3])."""
     ab, ap = b - a, p - a
-    t = ((ap * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-300)).clamp(0.0, 1.0)
-    return (ap - t[..., None] * ab).norm(dim=-1)
+    t = (dot(ap, ab) / dot(ab, ab).clamp_min(1e-300)).clamp(0.0, 1.0)
+    return norm(ap - t[..., None] * ab)
 
 
 def point_triangle_distance(p: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     """Exact Euclidean distance [...] from points p [..., 3] to closed triangles tri [..., 3, 3]."""
     a, b, c = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
-    n = torch.linalg.cross(b - a, c - a, dim=-1)
-    nn = (n * n).sum(-1)
+    n = cross(b - a, c - a)
+    nn = dot(n, n)
     inside = nn > 0
     for u, v in ((a, b), (b, c), (c, a)):  # p projects inside iff it is left of every edge (seen along n)
-        inside = inside & ((n * torch.linalg.cross(v - u, p - u, dim=-1)).sum(-1) >= 0)
-    plane = ((p - a) * n).sum(-1).abs() / nn.clamp_min(1e-300).sqrt()
-    edges = torch.minimum(torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)), _segment_distance(p, c, a))
+        inside = inside & (dot(n, cross(v - u, p - u)) >= 0)
+    plane = dot(p - a, n).abs() / nn.clamp_min(1e-300).sqrt()
+    edges = torch.minimum(
+        torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)), _segment_distance(p, c, a)
+    )
     return torch.where(inside, torch.minimum(plane, edges), edges)
 
 
-def triangle_proxies(tris: np.ndarray, proxy_radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cover triangles [F, 3, 3] by proxies of bounding radius <= proxy_radius (see module docstring).
+def _ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand ranges [start_i, start_i + count_i): (range index [S], value [S]), S = sum(count)."""
+    owner = torch.repeat_interleave(torch.arange(len(count), device=count.device), count)
+    return owner, start[owner] + torch.arange(len(owner), device=count.device) - (count.cumsum(0) - count)[owner]
 
-    Returns (centroid [P, 3] float64, radius [P] float64, triangle index [P] int64).
+
+class TriangleGrid:
+    """Triangles of a normalised mesh (inside [-0.5, 0.5]^3) bucketed by the voxels they touch at resolution G.
+
+    Memory: the (voxel, triangle) pairs (16 bytes each; about 2-4 per triangle when triangles are smaller than
+    a voxel, about area * G^2 for large ones) plus the triangles in grid units.
     """
-    centroid = tris.mean(1)
-    rho = np.linalg.norm(tris - centroid[:, None], axis=2).max(1)
-    n = np.maximum(1, np.ceil(rho / proxy_radius)).astype(np.int64)
-    tri = np.repeat(np.arange(len(tris)), n * n)
-    local = np.arange(len(tri)) - np.repeat(np.cumsum(n * n) - n * n, n * n)
-    m = n[tri]
-    i, j = local // m, local % m
-    # Cell (i, j) of the n x n square: "up" sub-triangle (i, j) if i + j < n, else the "down" sub-triangle
-    # (n-1-i, n-1-j). Centroids in the (v1 - v0, v2 - v0) frame, in units of 1/n: up (i+1/3, j+1/3), down
-    # (i'+2/3, j'+2/3).
-    up = i + j < m
-    s = np.where(up, i + 1 / 3, m - 1 - i + 2 / 3) / m
-    t = np.where(up, j + 1 / 3, m - 1 - j + 2 / 3) / m
-    v = tris[tri]
-    centres = v[:, 0] + s[:, None] * (v[:, 1] - v[:, 0]) + t[:, None] * (v[:, 2] - v[:, 0])
-    return centres, rho[tri] / m, tri
+
+    def __init__(self, mesh: Mesh, resolution: int, *, device: str | torch.device | None = None):
+        if len(mesh.vertices) and (abs(mesh.vertices).max() > 0.5 + FRAME_TOLERANCE):
+            raise ValueError("the mesh must lie in the normalised frame [-0.5, 0.5]^3 (focusing.io.normalize)")
+        self.device = torch.device(device or "cpu")
+        self.resolution = resolution
+        keys, self.cell_tri = voxel_triangle_pairs(mesh, resolution, device=self.device)
+        self.cell_keys, self.cell_count = torch.unique_consecutive(keys, return_counts=True)
+        self.cell_start = self.cell_count.cumsum(0) - self.cell_count
+        vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64, device=self.device)
+        self.tris = (vertices[torch.as_tensor(mesh.faces, device=self.device)] + 0.5) * resolution
+
+    def distance(self, g: torch.Tensor, max_distance: float, *, budget: int | None = None) -> torch.Tensor:
+        """Exact distances [N] float64 (grid units) from points g [N, 3] (grid units), clamped to max_distance.
+
+        budget: (point, cell) and (point, triangle) pairs handled at once.
+        """
+        if not math.isfinite(max_distance) or max_distance <= 0:
+            raise ValueError(f"max_distance must be positive and finite, got {max_distance}")
+        g = g.to(self.device, torch.float64).reshape(-1, 3)
+        budget = budget or (1 << 22 if self.device.type == "cuda" else 1 << 20)
+        out = torch.full((len(g),), float(max_distance), dtype=torch.float64, device=self.device)
+        todo = torch.arange(len(g), device=self.device)  # points not resolved yet
+        passes = math.ceil(max_distance)
+        for m in range(1, passes + 1):
+            left = []
+            step = max(1, budget // (2 * m + 1) ** 3)
+            for s in range(0, len(todo), step):
+                idx = todo[s : s + step]
+                d = self._nearest(g[idx], m, budget)
+                resolved = (d < m) | (m == passes)
+                out[idx[resolved]] = d[resolved].clamp(max=max_distance)
+                left.append(idx[~resolved])
+            todo = torch.cat(left) if left else todo
+        return out
+
+    def _nearest(self, g: torch.Tensor, m: int, budget: int) -> torch.Tensor:
+        """Min distance [n] from points g [n, 3] to the triangles in voxels [floor(g - m), ceil(g + m) - 1]^3
+        (inf where there are none)."""
+        r = self.resolution
+        lo = (g - m).floor().clamp(0, r - 1).to(torch.int64)
+        hi = ((g + m).ceil() - 1).clamp(0, r - 1).to(torch.int64)
+        span = (hi - lo + 1).clamp(min=0)
+        point, local = _ranges(torch.zeros(len(g), dtype=torch.int64, device=g.device), span.prod(1))
+        sp, base = span[point], lo[point]
+        cell = base + torch.stack([local % sp[:, 0], local // sp[:, 0] % sp[:, 1], local // (sp[:, 0] * sp[:, 1])], 1)
+        key = (cell[:, 0] * r + cell[:, 1]) * r + cell[:, 2]
+        slot = torch.searchsorted(self.cell_keys, key).clamp(max=max(len(self.cell_keys) - 1, 0))
+        hit = self.cell_keys[slot] == key if len(self.cell_keys) else torch.zeros_like(key, dtype=torch.bool)
+        point, slot = point[hit], slot[hit]
+        best = torch.full((len(g),), math.inf, dtype=torch.float64, device=g.device)
+        count = self.cell_count[slot]
+        # Pairs in groups of about `budget`: consecutive (point, cell) entries whose triangle counts add up.
+        cuts = torch.searchsorted(
+            count.cumsum(0), torch.arange(0, int(count.sum()), budget, device=g.device), right=True
+        )
+        cuts = torch.unique(torch.cat([cuts, cuts.new_tensor([len(count)])])).tolist()
+        for a, b in itertools.pairwise(cuts):
+            which, pair = _ranges(self.cell_start[slot[a:b]], count[a:b])
+            owner = point[a:b][which]
+            d = point_triangle_distance(g[owner], self.tris[self.cell_tri[pair]])
+            best.scatter_reduce_(0, owner, d, reduce="amin")
+        return best
 
 
 def surface_distance(
     mesh: Mesh,
     points,
-    max_distance: float = math.inf,
+    max_distance: float,
     *,
-    proxy_radius: float | None = None,
-    k: int = 8,
-    chunk: int = 1 << 16,
+    resolution: int | None = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Exact unsigned distances [N] float64 from points [N, 3] to the mesh, clamped to `max_distance`.
+    """Exact unsigned distances [N] float64 from points [N, 3] to a normalised mesh, clamped to max_distance.
 
-    proxy_radius: the largest proxy radius (default max_distance / 2, or twice the median triangle radius when
-    unbounded). k: initial number of KD-tree neighbours. Runs the exact distances on `device` (default: the
-    points' device), the KD-tree on CPU.
+    resolution: the index grid (default: max_distance spans about 2 voxels, capped to 512). Runs on `device`
+    (default: the points' device, or CPU for arrays).
     """
-    from pykdtree.kdtree import KDTree
-
     if device is None:
         device = points.device if isinstance(points, torch.Tensor) else "cpu"
-    device = torch.device(device)
-    query = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 3).cpu().numpy()
-    tris = mesh.vertices[mesh.faces]
-    if proxy_radius is None:
-        rho = np.linalg.norm(tris - tris.mean(1, keepdims=True), axis=2).max(1)
-        proxy_radius = max_distance / 2 if math.isfinite(max_distance) else 2 * float(np.median(rho))
-    centres, radius, owner = triangle_proxies(tris, proxy_radius)
-    rho_max = float(radius.max()) * (1 + 1e-9) + 1e-12  # margin for rounding in the bound
-    tree = KDTree(centres)
-    tris_dev = torch.as_tensor(tris, dtype=torch.float64, device=device)
-    owner_dev = torch.as_tensor(owner, device=device)
-    bound = max_distance + rho_max
-    out = np.full(len(query), max_distance, dtype=np.float64)
-    for s in range(0, len(query), chunk):
-        todo = np.arange(s, min(s + chunk, len(query)))
-        kk = k
-        while len(todo):
-            kk = min(kk, len(centres))
-            dist, idx = tree.query(query[todo], k=kk, distance_upper_bound=bound if math.isfinite(bound) else None)
-            dist, idx = dist.reshape(len(todo), kk), idx.reshape(len(todo), kk).astype(np.int64)
-            found = idx < len(centres)
-            idx_dev = torch.as_tensor(np.where(found, idx, 0), device=device)
-            q = torch.as_tensor(query[todo], device=device)
-            d = point_triangle_distance(q[:, None, :], tris_dev[owner_dev[idx_dev]])
-            d = torch.where(torch.as_tensor(found, device=device), d, math.inf).amin(1).cpu().numpy()
-            limit = np.minimum(d, max_distance)
-            done = (dist[:, -1] > limit + rho_max) | (kk == len(centres))  # dist is inf past the bound
-            out[todo[done]] = limit[done]
-            todo = todo[~done]
-            kk *= 2
-    return torch.as_tensor(out, device=device)
+    resolution = resolution or max(4, min(512, math.ceil(2.0 / max_distance)))
+    grid = TriangleGrid(mesh, resolution, device=device)
+    g = (torch.as_tensor(points, dtype=torch.float64, device=grid.device).reshape(-1, 3) + 0.5) * resolution
+    return grid.distance(g, max_distance * resolution) / resolution

@@ -12,29 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from focusing.data.distance import surface_distance
+from focusing.data.distance import TriangleGrid
 from focusing.data.winding import winding_number
 from focusing.io.mesh import Mesh
 
 DEFAULT_TRUNCATION_VOXELS = 3.0
 
-__all__ = ["DEFAULT_TRUNCATION_VOXELS", "corner_tsdf", "tsdf", "winding_number"]
-
-
-def tsdf(
-    mesh: Mesh,
-    points: torch.Tensor,
-    truncation: float,
-    *,
-    winding_method: str = "auto",
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Truncated SDF [N] float64 at points [N, 3] (normalised frame): negative inside, clamped to [-t, t]."""
-    device = torch.device(device or points.device)
-    points = points.to(device, torch.float64)
-    distance = surface_distance(mesh, points, truncation, device=device)
-    inside = winding_number(mesh, points, method=winding_method, device=device) > 0.5
-    return torch.where(inside, -distance, distance)
+__all__ = ["DEFAULT_TRUNCATION_VOXELS", "corner_tsdf", "winding_number"]
 
 
 def corner_tsdf(
@@ -53,5 +37,7 @@ def corner_tsdf(
     corners' device).
     """
     device = torch.device(device or corners.device)
-    position = corners[:, -3:].to(device, torch.float64) / resolution - 0.5
-    return tsdf(mesh, position, truncation_voxels / resolution, winding_method=winding_method, device=device).float()
+    grid_points = corners[:, -3:].to(device, torch.float64)  # exact grid coordinates: 8 voxels per first pass
+    distance = TriangleGrid(mesh, resolution, device=device).distance(grid_points, truncation_voxels) / resolution
+    inside = winding_number(mesh, grid_points / resolution - 0.5, method=winding_method, device=device) > 0.5
+    return torch.where(inside, -distance, distance).float()

@@ -26,8 +26,11 @@ benchmarks/bench_prepare.py).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from focusing.data.grid import CORNER_OFFSETS
 from focusing.io.mesh import Mesh
 
 START_BLOCKS_PER_AXIS = 4
@@ -36,7 +39,6 @@ START_BLOCKS_PER_AXIS = 4
 COARSE_MARGIN = 1e-6
 """Inflation (grid units) of coarse blocks, so float rounding can never drop a block holding an active voxel."""
 
-_CHILD_OFFSETS = torch.tensor([[(k >> 0) & 1, (k >> 1) & 1, (k >> 2) & 1] for k in range(8)], dtype=torch.int64)
 
 
 def default_chunk(device: torch.device) -> int:
@@ -71,7 +73,8 @@ def triangle_box_overlap(tri: torch.Tensor, half: float | torch.Tensor) -> torch
 
 
 def _keys(xyz: torch.Tensor, resolution: int) -> torch.Tensor:
-    """[N, 3] int voxel coordinates -> [N] int64 keys that sort lexicographically."""
+    """[N, 3] int voxel coordinates -> [N] int64 keys that sort lexicographically (`grid.linearize` without the
+    batch column, which the hot loop would otherwise have to allocate)."""
     xyz = xyz.to(torch.int64)
     return (xyz[:, 0] * resolution + xyz[:, 1]) * resolution + xyz[:, 2]
 
@@ -103,7 +106,7 @@ def _descend(
     """Test (triangle, block) pairs at block size 2^level; refine survivors down to voxels (level 0).
 
     grid_tris: [F, 3, 3] float64 triangles in grid units; tri: [P] int64 triangle index; block: [P, 3] int64
-    block coordinates. Appends int64 voxel keys of overlapping (triangle, voxel) pairs to `out`.
+    block coordinates. Appends (voxel keys [K] int64, triangle indices [K]) of overlapping pairs to `out`.
     """
     size = 1 << level
     half = 0.5 * size + (COARSE_MARGIN if level else 0.0)
@@ -113,21 +116,16 @@ def _descend(
         keep = triangle_box_overlap(grid_tris[t] - centre[:, None, :], half)
         t, b = t[keep], b[keep]
         if level == 0:
-            out.append(_keys(b, resolution))
+            out.append((_keys(b, resolution), t))
             continue
-        children = (b[:, None, :] * 2 + _CHILD_OFFSETS.to(b.device)).reshape(-1, 3)
+        children = (b[:, None, :] * 2 + CORNER_OFFSETS.to(b.device, torch.int64)).reshape(-1, 3)  # 8 sub-blocks
         inside = ((children << (level - 1)) < resolution).all(1)
         _descend(grid_tris, t.repeat_interleave(8)[inside], children[inside], level - 1, resolution, chunk, out)
 
 
-def voxelize(mesh: Mesh, resolution: int, *, device: str | torch.device | None = None, chunk: int | None = None):
-    """The exact set of voxels at resolution R whose closed cube meets a triangle of `mesh` (normalised frame).
-
-    Returns int32 [N, 3] (x, y, z) on `device` (default CPU), sorted lexicographically, unique. Prepend a
-    batch column for the `[N, 4]` sparse layout with `with_batch`.
-    """
-    device = torch.device(device or "cpu")
-    chunk = chunk or default_chunk(device)
+def _overlapping_pairs(mesh: Mesh, resolution: int, device: torch.device, chunk: int):
+    """Yield, per group of triangles, lists of (voxel keys [K] int64, triangle indices [K] int64) of every
+    (voxel, triangle) pair whose closed cube and triangle meet. Memory: O(chunk) plus one group's pairs."""
     vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64, device=device)
     grid_tris = (vertices[torch.as_tensor(mesh.faces, device=device)] + 0.5) * resolution  # [F, 3, 3]
     # Closed cubes: coordinate g lies in voxels ceil(g) - 1 .. floor(g).
@@ -141,7 +139,6 @@ def voxelize(mesh: Mesh, resolution: int, *, device: str | torch.device | None =
         if not wide.any():
             break
         start_level += wide.to(torch.int64)
-    keys = []
     for level in range(int(start_level.max()) if len(lo) else -1, -1, -1):
         ids = torch.nonzero(valid & (start_level == level)).squeeze(1)
         blo, bhi = lo[ids] >> level, hi[ids] >> level
@@ -149,15 +146,41 @@ def voxelize(mesh: Mesh, resolution: int, *, device: str | torch.device | None =
         # Groups of consecutive triangles with at most `chunk` (+ one triangle's) candidates each.
         cuts = torch.searchsorted(count.cumsum(0), torch.arange(0, int(count.sum()), chunk, device=device), right=True)
         cuts = torch.unique(torch.cat([cuts, cuts.new_tensor([len(ids)])])).tolist()
-        for first, last in zip(cuts[:-1], cuts[1:]):
+        for first, last in itertools.pairwise(cuts):
             tri, block = _bbox_blocks(ids[first:last], blo[first:last], bhi[first:last])
-            found: list[torch.Tensor] = []
+            found: list[tuple[torch.Tensor, torch.Tensor]] = []
             _descend(grid_tris, tri, block, level, resolution, chunk, found)
             if found:
-                keys.append(torch.unique(torch.cat(found)))
+                yield found
+
+
+def voxelize(mesh: Mesh, resolution: int, *, device: str | torch.device | None = None, chunk: int | None = None):
+    """The exact set of voxels at resolution R whose closed cube meets a triangle of `mesh` (normalised frame).
+
+    Returns int32 [N, 3] (x, y, z) on `device` (default CPU), sorted lexicographically, unique. Prepend a
+    batch column for the `[N, 4]` sparse layout with `with_batch`.
+    """
+    device = torch.device(device or "cpu")
+    groups = _overlapping_pairs(mesh, resolution, device, chunk or default_chunk(device))
+    keys = [torch.unique(torch.cat([k for k, _ in found])) for found in groups]
     if not keys:
         return torch.zeros((0, 3), dtype=torch.int32, device=device)
     return _unkeys(torch.unique(torch.cat(keys)), resolution)
+
+
+def voxel_triangle_pairs(
+    mesh: Mesh, resolution: int, *, device: str | torch.device | None = None, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (voxel, triangle) pair whose closed cube and triangle meet, sorted by voxel: (voxel keys [P]
+    int64 = (x R + y) R + z, triangle indices [P] int64). The spatial index of `focusing.data.distance`."""
+    device = torch.device(device or "cpu")
+    pairs = [p for found in _overlapping_pairs(mesh, resolution, device, chunk or default_chunk(device)) for p in found]
+    if not pairs:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty.clone()
+    keys, tri = torch.cat([k for k, _ in pairs]), torch.cat([t for _, t in pairs])
+    order = torch.argsort(keys, stable=True)
+    return keys[order], tri[order]
 
 
 def coarsen(coords: torch.Tensor, factor: int = 2) -> torch.Tensor:
