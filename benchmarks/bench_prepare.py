@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's `focusing`, also without `pip install -e .`
-SHARED = Path(os.environ.get("FOCUSING_MESHES", ROOT.parent.parent / "shared" / "data" / "meshes"))
+SHARED = Path(os.environ.get("FOCUSING_MESHES", ROOT.parent / "shared" / "data" / "meshes"))
 MESHES = ["idler_riser", "bunny", "skull", "bunny_x16"]  # 1.5K, 69K, 100K, 1.1M faces
 QUICK_MESHES = ["idler_riser", "bunny"]
 STEPS = ("load", "sample", "voxelize", "tsdf", "write")
