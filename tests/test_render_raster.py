@@ -161,7 +161,8 @@ assert len(a.p0) > 10 and key(a) == key(b), (len(a.p0), len(b.p0))
 assert len(find_silhouette_crossings(out.tri_id, out.depth, clip, f, topo, max_steps=1).p0) < len(a.p0)
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     res = subprocess.run([sys.executable, "-c", f"DATA = {str(data_dir)!r}\n" + script], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
