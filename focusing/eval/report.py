@@ -52,7 +52,7 @@ def read_results(bench_dir: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(bench_dir) / "results.csv"
     if not path.is_file():
         raise InputError(path, "no such file (is this a benchmark output folder?)")
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in ("name", "gt_path", "pred_path", "status") if c not in (reader.fieldnames or ())]
         if missing:
@@ -154,7 +154,7 @@ def write_report(bench_dir: str | os.PathLike, *, views: int = 3, resolution: in
             _check_name(row["name"], seen)
             if row["status"] != "ok":
                 continue
-            gt_path, pred_path = _pred_and_gt(bench_dir, row)
+            gt_path, pred_path = _gt_and_pred(bench_dir, row)
             folder = out / row["name"]
             if not _up_to_date(folder, settings, (gt_path, pred_path)):
                 gt, pred = normalize(load_mesh(gt_path), gt_path)[0], load_mesh(pred_path)
@@ -181,7 +181,7 @@ def _check_name(name: str, seen: set[str]) -> None:
     seen.add(name)
 
 
-def _pred_and_gt(bench_dir: Path, row: dict[str, str]) -> tuple[Path, Path]:
+def _gt_and_pred(bench_dir: Path, row: dict[str, str]) -> tuple[Path, Path]:
     if not row["pred_path"]:
         raise FocusingError("status is ok but pred_path is empty")
     return bench_dir / row["gt_path"], bench_dir / row["pred_path"]
@@ -325,7 +325,8 @@ section { border-top: 1px solid #ddd; margin-top: 1.5em; }
 .views img { width: min(300px, 31vw); height: auto; display: block; border: 1px solid #eee; }
 .legend { width: min(512px, 90vw); }
 .legend img { width: 100%; height: 14px; display: block; }
-.legend div { display: flex; justify-content: space-between; }
+.legend div { display: grid; grid-template-columns: 1fr auto 1fr; }
+.legend span:last-child { text-align: right; }
 """
 
 SCRIPT = """
