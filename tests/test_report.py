@@ -122,6 +122,15 @@ def test_pictures(bench):
         assert (np.abs(offset[covered] - top).sum(-1) < 12).mean() > 0.6
 
 
+def test_error_colour_ramp():
+    error = np.array([[0.0, 0.005, 0.01, 0.5], [np.nan, 0.0, 0.0, 0.0]])
+    rgb = error_to_rgb(error, np.array([[1, 1, 1, 1], [1, 0, 1, 1]]))
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 4, 3)
+    assert tuple(rgb[0, 0]) == (40, 60, 150) and tuple(rgb[0, 1]) == (245, 225, 80)    # 0: blue, vmax / 2: yellow
+    assert tuple(rgb[0, 2]) == tuple(rgb[0, 3]) == tuple(rgb[1, 0]) == (160, 20, 30)   # vmax, beyond, NaN: red
+    assert tuple(rgb[1, 1]) == (255, 255, 255)                                         # not covered
+
+
 def test_surface_error_matches_exact_distance(data_dir):
     from focusing.data.distance import surface_distance
 
