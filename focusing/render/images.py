@@ -1,6 +1,6 @@
-"""Pictures of render outputs: normals and depth to RGB, PNG writing (atomic).
+"""Pictures of render outputs: normals, depth and surface error to RGB, PNG writing (atomic).
 
-Both colourings blend with a white background by the (antialiased) mask, so silhouettes look smooth.
+The colourings blend with a white background by the (antialiased) mask, so silhouettes look smooth.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ BACKGROUND = np.array([255.0, 255.0, 255.0])
 
 # Our depth colour ramp, near -> far: amber, green, teal, blue, dark purple (bright near, dark far); linear in RGB.
 _DEPTH_ANCHORS = np.array([[255, 220, 60], [120, 200, 90], [40, 150, 150], [50, 80, 160], [60, 20, 90]],
+                          dtype=np.float64)
+
+# Our error colour ramp, 0 -> vmax: deep blue, teal, yellow (the middle), orange, dark red; linear in RGB.
+_ERROR_ANCHORS = np.array([[40, 60, 150], [60, 170, 190], [245, 225, 80], [235, 120, 40], [160, 20, 30]],
                           dtype=np.float64)
 
 
@@ -61,11 +65,22 @@ def depth_to_rgb(depth, mask=None, near: float | None = None, far: float | None 
         vals = d[inside] if inside.any() else np.array([0.0, 1.0])
         near = float(vals.min()) if near is None else near
         far = float(vals.max()) if far is None else far
-    t = np.clip((d - near) / max(far - near, 1e-12), 0.0, 1.0) * (len(_DEPTH_ANCHORS) - 1)
-    k = np.minimum(np.floor(t).astype(np.int64), len(_DEPTH_ANCHORS) - 2)
+    return _compose(_ramp((d - near) / max(far - near, 1e-12), _DEPTH_ANCHORS), cover)
+
+
+def error_to_rgb(error, mask=None, vmax: float = 0.01) -> np.ndarray:
+    """Distances [H, W] -> uint8 [H, W, 3]: a colour ramp from deep blue (0) over yellow (vmax / 2) to dark red
+    (vmax and beyond), white background where mask [H, W] (coverage in [0, 1]) is 0."""
+    e = _numpy(error).astype(np.float64)
+    return _compose(_ramp(e / vmax, _ERROR_ANCHORS), _coverage(mask, e.shape))
+
+
+def _ramp(t: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """t [...] clipped to [0, 1] -> RGB [..., 3], piecewise linear through the evenly spaced `anchors` [K, 3]."""
+    t = np.clip(np.nan_to_num(t, nan=1.0), 0.0, 1.0) * (len(anchors) - 1)
+    k = np.minimum(np.floor(t).astype(np.int64), len(anchors) - 2)
     frac = (t - k)[..., None]
-    rgb = (1.0 - frac) * _DEPTH_ANCHORS[k] + frac * _DEPTH_ANCHORS[k + 1]
-    return _compose(rgb, cover)
+    return (1.0 - frac) * anchors[k] + frac * anchors[k + 1]
 
 
 def mask_to_gray(mask) -> np.ndarray:
