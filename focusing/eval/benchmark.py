@@ -12,7 +12,9 @@ Per mesh: load the GT and normalise it (`focusing.io`), its sharp-edge density a
 the method's reconstruction (timed: `seconds`), saved atomically, then `surface_metrics` twice: the paper's protocol
 (100K samples per surface, F@0.005: `chamfer`, `fscore`, `precision`, `recall`, `normal_consistency`) and a finer
 one (1M samples, F@0.002: `*_fine`), where the 100K protocol's own sampling floor no longer hides differences.
-Chamfer is stored raw (squared distances in the unit-cube frame); the table shows it in 1e-5 units.
+Chamfer is stored raw (squared distances in the unit-cube frame); the table shows it in 1e-5 units. Other columns:
+`gt_path` (absolute), `pred_path` (relative to OUT, empty if failed), `level` (1-4, empty if unknown),
+`sharp_edge_density`, `status` (ok / failed), `error` (one line), `faces` (prediction), `gt_faces`, `metric_seconds`.
 
 Semantics (the pattern of `focusing prepare`):
 - `name` is the mesh's item id (`find_items`: file stem + hash of its relative path), made file-name safe.
