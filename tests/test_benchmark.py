@@ -13,15 +13,24 @@ import trimesh
 
 from focusing.cli import main
 from focusing.errors import FocusingError
-from focusing.eval import baselines
+from focusing.eval import baselines, levels
 from focusing.eval.baselines import make_method, method_identity
-from focusing.eval.benchmark import COLUMNS, BenchmarkSettings, read_results, run_benchmark
+from focusing.eval.benchmark import COLUMNS, BenchmarkSettings, read_results, run_benchmark, write_results
+from focusing.eval.levels import level_of
 from focusing.eval.metrics import nearest_distances, surface_metrics
 from focusing.io import load_mesh, normalize
 
 MESHES = ["idler_riser", "featuretype_block", "lilium_surface"]
 SMALL = dict(samples=20_000, fine_samples=20_000)
 R = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def coarse_levels():
+    """Sharp-edge densities on a 32^3 remesh instead of 128^3: the same code, a fraction of the time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(levels, "LEVEL_RESOLUTION", 32)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +79,16 @@ def test_gt_resample_rows_table_and_failure(gt_run):
         assert float(row["precision"]) == pytest.approx(float(row["recall"]), abs=0.05)
         assert surface_metrics(pred, gt, 20_000, threshold=0.02).fscore > 0.99  # coarse threshold: ~1
         assert int(row["faces"]) == int(row["gt_faces"]) == len(gt.faces)
+        assert int(row["level"]) == level_of(float(row["sharp_edge_density"])) in (1, 2, 3, 4)
     table = (out / "table.md").read_text()
     assert "| all | 3 | 1 |" in table and all(f"| L{i} |" in table for i in range(1, 5))
     settings = json.loads((out / "settings.json").read_text())
     assert settings["method"] == "gt-resample" and settings["resolution"] == R and settings["samples"] == 20_000
 
 
-def test_resume_skips_done_meshes_and_retries_failures(gt_run, inputs, monkeypatch):
-    out, _ = gt_run
+def test_resume_skips_done_meshes_and_retries_failures(gt_run, inputs, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(gt_run[0], out)
     calls = []
     original = baselines.GtResample.reconstruct
     monkeypatch.setattr(baselines.GtResample, "reconstruct", lambda self, gt, r, **kw: calls.append(1) or
@@ -108,9 +119,23 @@ def test_sdf_mc_closed_meshes_in_frame(tmp_path, inputs):
         assert surface_metrics(pred, _gt(row), 20_000, threshold=2.0 / R).fscore > 0.9
         assert float(row["chamfer"]) < 1e-3
     assert "| all | 3 | 1 |" in (tmp_path / "table.md").read_text()
-    (tmp_path / "table.md").unlink()
-    assert main(["benchmark", "--table-only", "--out", str(tmp_path), "--no-report"]) == 0
-    assert "| all | 3 | 1 |" in (tmp_path / "table.md").read_text()
+
+
+def test_table_only_fills_densities_and_regroups_by_new_thresholds(gt_run, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(gt_run[0], out)
+    rows = read_results(out)
+    densities = {name: row["sharp_edge_density"] for name, row in rows.items()}
+    first = sorted(rows)[1]
+    rows[first]["sharp_edge_density"] = ""  # e.g. benchmarked before levels existed
+    write_results(out, rows)
+    monkeypatch.setattr(levels, "LEVEL_THRESHOLDS", (1e6, 2e6, 3e6))  # new thresholds: everything is L1
+    assert main(["benchmark", "--table-only", "--out", str(out), "--no-report"]) == 0
+    rows = read_results(out)
+    assert float(rows[first]["sharp_edge_density"]) == pytest.approx(float(densities[first]))
+    assert [r["level"] for r in rows.values() if r["status"] == "ok"] == ["1"] * 3
+    table = (out / "table.md").read_text()
+    assert "| L1 | 3 | 0 |" in table and "| unknown | 0 | 1 |" in table and "| all | 3 | 1 |" in table
 
 
 def test_poisson_closed_near_gt_and_trimmed_when_open(data_dir):

@@ -102,28 +102,6 @@ def mesh_name(item: Item) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", item.id)
 
 
-def _levels():
-    """The module `focusing.eval.levels`, or None where it is not installed yet (levels stay empty)."""
-    try:
-        import focusing.eval.levels as levels
-    except ModuleNotFoundError as exc:
-        if exc.name != "focusing.eval.levels":
-            raise
-        return None
-    return levels
-
-
-def _level(gt) -> tuple[int | None, float | None]:
-    """(level, sharp-edge density) of a normalised GT mesh."""
-    levels = _levels()
-    return (None, None) if levels is None else levels.mesh_level(gt)
-
-
-def _level_of(density: float) -> int | None:
-    levels = _levels()
-    return None if levels is None else levels.level_of(density)
-
-
 def _row(item: Item, settings: BenchmarkSettings) -> dict:
     return {"name": mesh_name(item), "gt_path": str(Path(item.path).resolve()), "method": settings.method,
             "resolution": settings.resolution}
@@ -131,6 +109,7 @@ def _row(item: Item, settings: BenchmarkSettings) -> dict:
 
 def benchmark_mesh(item: Item, out_dir: str | Path, settings: BenchmarkSettings) -> dict:
     """Reconstruct and score one mesh; never raises for a bad mesh: returns its row (status ok / failed)."""
+    from focusing.eval.levels import mesh_level
     from focusing.eval.metrics import surface_metrics
     from focusing.io import load_mesh, normalize, save_mesh
 
@@ -140,7 +119,7 @@ def benchmark_mesh(item: Item, out_dir: str | Path, settings: BenchmarkSettings)
     try:
         gt, _ = normalize(load_mesh(item.path), item.path)
         row["gt_faces"] = len(gt.faces)
-        row["level"], row["sharp_edge_density"] = _level(gt)
+        row["level"], row["sharp_edge_density"] = mesh_level(gt)
         start = time.perf_counter()
         pred = _method(settings).reconstruct(gt, settings.resolution, seed=settings.seed)
         row["seconds"] = round(time.perf_counter() - start, 3)
@@ -273,7 +252,8 @@ def write_table(out_dir: str | Path, *, fill_levels: bool = False) -> str:
     """Regroup OUT/results.csv by `level_of(sharp_edge_density)` (rewriting its `level` column) and write
     OUT/table.md; returns the table. `fill_levels` first computes the density of rows that lack one (loading
     their GT)."""
-    from focusing.io import load_mesh, normalize
+    from focusing.eval.levels import level_of, mesh_level
+    from focusing.io import load_mesh
 
     out_dir = Path(out_dir)
     rows = read_results(out_dir)
@@ -281,9 +261,9 @@ def write_table(out_dir: str | Path, *, fill_levels: bool = False) -> str:
         raise FocusingError(f"{out_dir / 'results.csv'}: no results to tabulate")
     for row in rows.values():
         if fill_levels and row["sharp_edge_density"] == "" and row["gt_faces"] != "":  # the GT loaded before
-            row["sharp_edge_density"] = _level(normalize(load_mesh(row["gt_path"]))[0])[1]
+            row["sharp_edge_density"] = mesh_level(load_mesh(row["gt_path"]))[1]
         density = _number(row["sharp_edge_density"])
-        row["level"] = "" if density is None else _level_of(density)
+        row["level"] = "" if density is None else level_of(density)
     write_results(out_dir, rows)
     settings_file = out_dir / "settings.json"
     settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
