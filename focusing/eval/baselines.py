@@ -9,7 +9,9 @@ command line as `--option key=value` and converted to the field's type by `make_
 `reconstruct` gets the ground truth normalised into [-0.5, 0.5]^3 and returns a `Mesh` in the same frame; a method
 that can only use part of the GT (e.g. an encoder that sees oriented points) takes just that part. Options listed in
 a class's `RUNTIME_OPTIONS` (e.g. `device`) do not change the result and are left out of `method_identity`, which
-decides whether a benchmark result can be reused. The VAE plugs in the same way, as `vae` with a `checkpoint` option.
+decides whether a benchmark result can be reused. The VAE plugs in the same way, as `vae` with a `checkpoint` option
+(`--checkpoint PATH` on the command line). Construction must stay cheap (the benchmark builds a method to check its
+options); a model loads on the first `reconstruct` (the benchmark keeps one instance per worker process).
 
 Methods:
 - `gt-resample`: the GT itself. The metric samples prediction and GT with different seeds, so this measures the
@@ -113,14 +115,16 @@ class Poisson:
     """Screened Poisson reconstruction of `points` oriented surface samples of the GT (seeded by `seed`).
 
     pymeshlab's `generate_surface_reconstruction_screened_poisson` with depth = ceil(log2 R) (the finest octree
-    cells are `scale` / 2^depth: ~1.1 / R), `samplespernode` 1.5, `pointweight` 4 (screening), 8 Gauss-Seidel
-    iterations, no pre-cleaning (PoissonRecon's defaults besides the depth). The result is watertight: it also
-    closes open surfaces and holes, extrapolating where there are no samples. Trimming (what users do for open
-    surfaces, like PoissonRecon's SurfaceTrimmer): Poisson gives every vertex a density, the estimated octree depth
-    of the samples around it (log2 scale: one unit is ~4x fewer samples per area); vertices whose density is more
-    than `trim` below the median are removed with their faces. Uniform samples give the true surface a nearly
-    constant density (spread ~0.5), so `trim` = 1 cuts only the surface Poisson invented; `trim=none` keeps the
-    closed result.
+    cells are `scale` / 2^depth of the samples' bounding cube: ~1.1 / R) and pymeshlab's defaults otherwise:
+    `samplespernode` 1.5, `pointweight` 4 (screening), 8 Gauss-Seidel iterations, no pre-cleaning. The result is
+    watertight: it closes open surfaces and holes, extrapolating where there are no samples.
+
+    Trimming (what users do for open surfaces, like PoissonRecon's SurfaceTrimmer): every output vertex carries
+    Poisson's sampling-density estimate (an octree depth, lower where samples are sparse); vertices more than `trim`
+    below the median density are removed with their faces. The uniform samples give the real surface a narrow band
+    of densities (on closed test meshes the 1st percentile lies 0.2-0.4 below the median) while the surface Poisson
+    invents across open boundaries falls 1-6 below it, so `trim` = 1 removes the invented surface and nothing of a
+    closed mesh (see docs/BENCHMARKS.md); `trim=none` keeps the closed result.
 
     `threads` defaults to 1: parallelise over meshes with the benchmark's workers instead. PoissonRecon's OpenMP
     loops synchronise often, and on a shared CPU 2 threads ran 7x slower than 1 (bunny, depth 8, 2 busy cores).
