@@ -337,10 +337,11 @@ def prepare_dataset(
     return report
 
 
-def _run_pool(todo: list[Item], work, workers: int, record) -> None:
+def _run_pool(todo: list[Item], work, workers: int, record, died=None) -> None:
     """`record(work(item))` for every item, in `workers` spawned processes, at most 2 per worker in flight
     (`work` must be picklable). A worker that dies (killed for memory, crash) fails the items the pool had in
-    flight; the pool is restarted and the batch goes on."""
+    flight (`record(died(item))`, by default a failed index entry); the pool is restarted and the batch goes on."""
+    died = died or _died
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(todo))
@@ -365,9 +366,9 @@ def _run_pool(todo: list[Item], work, workers: int, record) -> None:
                         record(future.result())
                     except cf.process.BrokenProcessPool:
                         broken = True
-                        record(_died(item))
+                        record(died(item))
             for item in running.values():  # the pool broke: everything still in flight is lost
-                record(_died(item))
+                record(died(item))
 
 
 def _died(item: Item) -> dict:
