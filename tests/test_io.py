@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,15 @@ def test_unsupported_and_missing(tmp_path):
         load_mesh(tmp_path / "x.fbx")
     with pytest.raises(InputError, match="no such file"):
         load_mesh(tmp_path / "missing.ply")
+
+
+def test_atomic_writes_get_plain_file_permissions(tmp_path):
+    from focusing.io import write_text_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+    finally:
+        os.umask(mask)
