@@ -1,5 +1,6 @@
 """The SDF route (`focusing.eval.watertight`): flood fill + marching cubes gives watertight, outward meshes,
-and loses what the docstring says it loses (open sheets become thin shells, inner structure disappears)."""
+and loses what the docstring says it loses (open sheets become thin shells, inner structure disappears); the
+offset surface lies at the requested distance on both sides of every surface."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import trimesh
 
 from focusing.errors import FocusingError
 from focusing.eval.metrics import surface_metrics
-from focusing.eval.watertight import inside_outside, watertight_remesh
+from focusing.eval.watertight import inside_outside, offset_surface, watertight_remesh
 from focusing.io import Mesh, load_mesh, normalize
 
 
@@ -75,3 +76,25 @@ def test_a_surface_enclosing_nothing_is_an_error():
                  np.array([[0, 1, 2]]))
     with pytest.raises(FocusingError):
         watertight_remesh(speck, 8)
+
+
+def test_offset_surface_of_a_sphere_is_two_shells_one_voxel_away():
+    s = _sphere()
+    mesh, _ = normalize(Mesh(s.vertices, s.faces))
+    out = _as_trimesh(offset_surface(mesh, 48))
+    assert out.is_watertight and out.body_count == 2
+    radius = np.linalg.norm(out.vertices, axis=1)
+    outer = radius > 0.5
+    assert np.abs((radius[outer] - 0.5) * 48 - 1).max() < 0.02
+    assert np.abs((0.5 - radius[~outer]) * 48 - 1).max() < 0.02
+
+
+def test_offset_surface_of_an_open_sheet_is_a_closed_slab_around_it():
+    sheet = Mesh(np.array([[-0.5, -0.5, 0.01], [0.5, -0.5, 0.01], [0.5, 0.5, 0.01], [-0.5, 0.5, 0.01]]),
+                 np.array([[0, 1, 2], [0, 2, 3]]))
+    out = _as_trimesh(offset_surface(sheet, 32))
+    assert out.is_watertight and out.body_count == 1
+    z = out.vertices[:, 2]
+    assert z.min() == pytest.approx(0.01 - 1 / 32, abs=1e-6) and z.max() == pytest.approx(0.01 + 1 / 32, abs=1e-6)
+    r = 1 / 32  # a slab of thickness 2r over the unit square, half cylinders of radius r along its 4 sides
+    assert out.volume == pytest.approx(2 * r + np.pi * r**2 / 2 * 4, rel=0.03)

@@ -10,8 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "levels",
         help="detail level L1-L4 of each mesh (sharp-edge density)",
         description="Prints one line per mesh, sorted by name: level, sharp-edge density (length of edges whose "
-        "normals turn by more than 15 degrees, per unit area, on a smoothed watertight remesh at R=128 in the "
-        "normalised frame; see focusing.eval.levels) and name. A mesh that fails is reported on stderr with its "
+        "normals turn by more than 15 degrees, per unit area, on the smoothed closed surface one voxel around the "
+        "mesh at R=128, in the normalised frame; see focusing.eval.levels) and name. A mesh that fails is reported on stderr with its "
         "reason and the run goes on; the exit code is 1 only if every mesh failed, or with --strict if any did.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="mesh files, or folders searched recursively")

@@ -2,43 +2,40 @@
 
 Procedure of `sharp_edge_density(mesh, R)` (R = `LEVEL_RESOLUTION` = 128 unless given):
 1. Normalise the mesh into [-0.5, 0.5]^3 (`focusing.io.normalize`), so units and position do not matter.
-2. Watertight remesh at R (`focusing.eval.watertight.watertight_remesh`: flood fill + marching cubes), so the
-   raw file's tessellation (long slivers, split faces, inner parts, open sheets) does not count, only its shape.
+2. Watertight remesh at R: the closed surface one voxel away from the mesh (`focusing.eval.watertight.
+   offset_surface`, marching cubes on exact unsigned distances), so the raw file's tessellation (long slivers,
+   split faces, holes, open sheets, duplicated layers) does not count, only its shape.
 3. Smooth the remesh with `SMOOTHING_STEPS` = 5 Taubin steps (uniform Laplacian, lambda 0.5, mu -0.53).
 4. Vertex normals over 2-ring neighbourhoods: the sum of the (area-weighted) normals of the faces that touch the
    vertex or one of its neighbours, normalised.
 5. A sharp edge is a mesh edge whose two end vertices' normals differ by more than `SHARP_ANGLE_DEG` = 15 deg.
 6. Density = total length of the sharp edges / surface area of the smoothed remesh, in the normalised frame
-   (unit 1 / length: about the length of sharp feature lines per unit area, times a band width of ~4 voxels).
+   (unit 1 / length: about the length of sharp feature lines per unit area, times a band width of a few voxels).
 
-Why steps 3-4 and the length in step 6 (measured at R = 128 on synthetic shapes, densities in this unit): the
-flood-fill SDF jumps at the surface, so its marching cubes mesh is a staircase of voxel-sized bumps wherever the
-surface is not aligned with the grid. Raw face dihedral angles are exact on an axis-aligned box (2.0 = its edge
-length per area) but count the staircase everywhere else: sphere 181, the same box tilted off the grid 190.
-Taubin smoothing removes the voxel-frequency bumps without shrinking the shape; normals over 2-rings average
-out the remaining sliver triangles that marching cubes leaves near grid corners. Either alone is not enough (20
-Taubin steps with face dihedrals: sphere 3.9 against box 6.0; 2-ring normals without smoothing: sphere 7.0
-against box 9.7); together: sphere 0.42, box 8.2, tilted box 17.6 (after normalising its edges are 1.65x longer
-per unit area, so 1.3x the aligned box per unit edge length), cylinder 14.5, 24-tooth gear 59. A real sharp
-edge stays sharp: the normals still turn by its full angle, across a band of about two edges. Edges are weighted
-by their length, not counted, because a feature line running diagonally to the grid is crossed by more, shorter
-remesh edges than an axis-aligned one (counting gave the tilted box 1.6x the aligned one per unit edge length).
-Whatever is thinner than a few voxels at R (wires, thin plates, the one-voxel shell that an open sheet becomes)
-counts as sharp, and so, in part, do curves of radius below ~6 voxels (a sphere remeshed with a radius of 3, 4,
-6, 8 voxels scores 13, 6.5, 2.3, 0): detail at the scale of the resolution.
+Why the offset surface (step 2): the flood-fill SDF route (`watertight_remesh`) turns every open sheet and
+every mesh with a hole into a one-voxel shell whose marching-cubes surface is bumpy all over, so open meshes
+scored as sharp everywhere: the bunny (open at its base) 300, lilium_surface 282, a face scan 307, all above
+the sharpest CAD parts (gear_ring 141). The offset surface is smooth on both sides of a sheet and only rounds
+convex edges (radius one voxel; concave creases and the inner offset's edges stay sharp): bunny 18.4, lilium
+15.8, face scan 13.7, spot_cow 6.4, fandisk 33.3, airplane_holes 94, gear_ring 141, sword 169. An open
+boundary counts as an edge (the surface turns 180 degrees around it).
+
+Why steps 3-4 and the length in step 6 (R = 128, synthetic shapes): marching cubes leaves sliver triangles near
+grid corners whose face normals are noisy; Taubin smoothing removes voxel-frequency bumps without shrinking and
+2-ring normals average the slivers out. Sphere 0.0, box 14.8 (aligned with the grid), the same box tilted 18.8
+(its edges are 1.65x longer per unit area after normalising, so 0.8x the aligned box per unit edge length),
+cylinder 14.6, 24-tooth gear 82. Edges are weighted by their length, not counted, because a feature line
+running diagonally to the grid is crossed by more, shorter remesh edges than an axis-aligned one. Whatever is
+thinner than a few voxels at R (wires, thin plates) and curves of radius below a few voxels count as sharp:
+detail at the scale of the resolution.
 
 `LEVEL_THRESHOLDS` split densities into L1 (fewest sharp edges) .. L4 (most). They are the quartiles of the
-900 CC0 GLB meshes of ../shared/data/base-meshes, measured once (14 min 23 s with 2 worker processes on a shared
-2-core CPU box, ~1 s of CPU per mesh; densities are bit-identical across processes and thread counts):
+900 CC0 GLB meshes of ../shared/data/base-meshes, measured once with
 
     focusing levels ../shared/data/base-meshes --workers 2 --quartiles --json corpus-levels.json
-    count 900  failed 0  min 0.6636  q25 26.1351  median 45.7962  q75 100.9702  max 423.6946
 
-(10th / 90th percentiles 14.2 / 194.7). Lowest: dice with bevelled edges, fruit, rocks, pills (0.7-2.1; a bevel
-wider than ~2 voxels at R = 128 reads as smooth); highest: trellises, ladders, gratings, whisks, wire hangers,
-rope (360-424). The 474 watertight meshes fall into L1-L4 as 186/129/103/56, the 426 open ones as 39/96/122/169
-(thin sheets become one-voxel shells, which count as sharp). A coarsely faceted curved surface keeps its creases:
-they are the file's geometry (tests/data/fertility.ply, 9000 faces, scores 26.9, next to fandisk.ply's 30.6).
+PROVISIONAL: the thresholds below are the quartiles of the earlier flood-fill measure (26.14, 45.80, 100.97); the
+corpus is being re-measured with the offset surface and they will be replaced by its quartiles.
 """
 
 from __future__ import annotations
@@ -48,11 +45,11 @@ import bisect
 import numpy as np
 from scipy import sparse
 
-from focusing.eval.watertight import watertight_remesh
+from focusing.eval.watertight import offset_surface
 from focusing.io.mesh import Mesh, normalize
 
 LEVEL_RESOLUTION = 128
-"""Resolution of the watertight remesh that densities are measured on (fixed: densities depend on it)."""
+"""Resolution of the offset-surface remesh that densities are measured on (fixed: densities depend on it)."""
 SHARP_ANGLE_DEG = 15.0
 SMOOTHING_STEPS = 5
 TAUBIN_LAMBDA, TAUBIN_MU = 0.5, -0.53
@@ -64,9 +61,9 @@ LEVEL_THRESHOLDS = (26.14, 45.80, 100.97)
 
 
 def sharp_edge_density(mesh: Mesh, resolution: int = LEVEL_RESOLUTION) -> float:
-    """Length of sharp edges per unit area of the smoothed watertight remesh at `resolution` (module docstring)."""
+    """Length of sharp edges per unit area of the smoothed offset surface at `resolution` (module docstring)."""
     normalized, _ = normalize(mesh)
-    vertices, faces, sharp = sharp_edges(watertight_remesh(normalized, resolution))
+    vertices, faces, sharp = sharp_edges(offset_surface(normalized, resolution))
     length = np.linalg.norm(vertices[sharp[:, 0]] - vertices[sharp[:, 1]], axis=1).sum()
     return float(length / Mesh(vertices, faces).area())
 
