@@ -14,11 +14,12 @@ Procedure on the grid of resolution R over [-0.5, 0.5]^3 (corners (i, j, k) / R 
 
 `offset_surface` is the other common conversion (CLAY / Dora style): the level set u = 1 voxel of the unsigned
 distance, a closed surface around every sheet and part, smooth wherever a voxel is below the local feature
-size (convex edges round off with a radius of one voxel, concave creases stay). `focusing.eval.levels` measures on it.
+size (convex edges round off with a radius of one voxel, concave creases stay). `focusing.eval.levels` measures
+on it.
 
-What `watertight_remesh` loses, by construction: the surface moves outward by up to half a voxel where blocked corners lie
-outside it; open surfaces and meshes with holes wider than the band become closed shells about one voxel thick
-(both sides of the sheet); inner structure (anything enclosed by another surface) disappears. Memory: dense
+What `watertight_remesh` loses, by construction: the surface moves outward by up to half a voxel where blocked
+corners lie outside it; open surfaces and meshes with holes wider than the band become closed shells about one
+voxel thick (both sides of the sheet); inner structure (anything enclosed by another surface) disappears. Memory: dense
 (R + 3)^3 arrays, ~2.5 GB at R = 512.
 """
 
