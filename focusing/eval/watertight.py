@@ -1,7 +1,7 @@
 """The SDF route the paper argues against: make a mesh watertight at resolution R, then marching cubes.
 
 This is how SDF-supervised VAEs (Dora, Direct3D-S2, Sparc3D, ...) prepare raw meshes, and what our render-loss
-route avoids; it is the `sdf-mc` baseline of the benchmark and the fixed-resolution remesh of `levels`.
+route avoids; `watertight_remesh` is the `sdf-mc` baseline of the benchmark.
 
 Procedure on the grid of resolution R over [-0.5, 0.5]^3 (corners (i, j, k) / R - 0.5, i, j, k in 0..R):
 1. Band: the corners of the exactly voxelised surface (`focusing.data.voxelize`) get their exact unsigned
@@ -19,8 +19,8 @@ on it.
 
 What `watertight_remesh` loses, by construction: the surface moves outward by up to half a voxel where blocked
 corners lie outside it; open surfaces and meshes with holes wider than the band become closed shells about one
-voxel thick (both sides of the sheet); inner structure (anything enclosed by another surface) disappears. Memory: dense
-(R + 3)^3 arrays, ~2.5 GB at R = 512.
+voxel thick (both sides of the sheet); inner structure (anything enclosed by another surface) disappears.
+Memory: dense (R + 3)^3 arrays, ~2.5 GB at R = 512.
 """
 
 from __future__ import annotations
