@@ -159,6 +159,14 @@ def test_rerun_keeps_fresh_pictures(bench, monkeypatch):
     assert calls == [1] and picture.stat().st_mtime_ns != stamp
 
 
+def test_fewer_views_leave_no_stale_pictures(tmp_path, data_dir):
+    bench = make_bench(tmp_path, data_dir)
+    write_report(bench, views=2, resolution=32, device="cpu")
+    write_report(bench, views=1, resolution=32, device="cpu")
+    assert sorted(p.name for p in (bench / "report" / "copy").glob("view_*.png")) == [
+        "view_0_error.png", "view_0_gt.png", "view_0_pred.png"]
+
+
 def test_table_md_and_cli(tmp_path, data_dir, capsys):
     bench = make_bench(tmp_path, data_dir)
     (bench / "table.md").write_text("# Table 1\n\n| method | level | F |\n|---|:-:|---|\n| fit <R=64> | 1 | 0.99 |\n")

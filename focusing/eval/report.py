@@ -159,6 +159,8 @@ def write_report(bench_dir: str | os.PathLike, *, views: int = 3, resolution: in
             if not _up_to_date(folder, settings, (gt_path, pred_path)):
                 gt, pred = normalize(load_mesh(gt_path), gt_path)[0], load_mesh(pred_path)
                 images = render_comparison(gt, pred, framing_camera([gt, pred], views, resolution, device))
+                for stale in folder.glob("view_*.png"):  # pictures of an earlier run with more views
+                    stale.unlink()
                 for kind, stack in images.items():
                     for k, image in enumerate(stack):
                         save_png(image, folder / f"view_{k}_{kind}.png")
