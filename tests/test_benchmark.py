@@ -172,3 +172,11 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["benchmark", "--method", "sdf-mc", "--data", str(tmp_path / "nothing"), "--resolution", "32",
                  "--out", str(tmp_path), "--no-report"]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_fit_runs_with_its_options(data_dir):
+    gt = normalize(load_mesh(data_dir / "idler_riser.ply"))[0]
+    fit = make_method("fit", {"steps": "3", "image_size": "64", "view_pool": "4", "device": "cpu"})
+    pred = fit.reconstruct(gt, 16, seed=0)
+    assert len(pred.faces) > 0 and np.abs(pred.vertices).max() < 0.5 + 2.0 / 16
+    assert surface_metrics(pred, gt, 10_000, threshold=2.0 / 16).fscore > 0.8

@@ -121,10 +121,10 @@ class Poisson:
 
     Trimming (what users do for open surfaces, like PoissonRecon's SurfaceTrimmer): every output vertex carries
     Poisson's sampling-density estimate (an octree depth, lower where samples are sparse); vertices more than `trim`
-    below the median density are removed with their faces. The uniform samples give the real surface a narrow band
-    of densities (on closed test meshes the 1st percentile lies 0.2-0.4 below the median) while the surface Poisson
-    invents across open boundaries falls 1-6 below it, so `trim` = 1 removes the invented surface and nothing of a
-    closed mesh (see docs/BENCHMARKS.md); `trim=none` keeps the closed result.
+    below the median density are removed with their faces. Uniform samples give the real surface a narrow band of
+    densities (within 0.4 of the median on fandisk and steel_ladder, where Poisson invents nothing), while the surface
+    it invents across open boundaries falls up to 6 below it; `trim` = 1 removes that and nothing of a closed mesh
+    (see docs/BENCHMARKS.md). `trim=none` keeps the watertight result.
 
     `threads` defaults to 1: parallelise over meshes with the benchmark's workers instead. PoissonRecon's OpenMP
     loops synchronise often, and on a shared CPU 2 threads ran 7x slower than 1 (bunny, depth 8, 2 busy cores).
