@@ -121,18 +121,21 @@ def test_sdf_mc_closed_meshes_in_frame(tmp_path, inputs):
     assert "| all | 3 | 1 |" in (tmp_path / "table.md").read_text()
 
 
-def test_table_only_fills_densities_and_regroups_by_new_thresholds(gt_run, tmp_path, monkeypatch):
+def test_table_only_fills_missing_or_stale_densities_and_regroups_by_new_thresholds(gt_run, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(gt_run[0], out)
     rows = read_results(out)
     densities = {name: row["sharp_edge_density"] for name, row in rows.items()}
-    first = sorted(rows)[1]
+    first, second = sorted(rows)[1:3]
     rows[first]["sharp_edge_density"] = ""  # e.g. benchmarked before levels existed
+    rows[second]["sharp_edge_density"], rows[second]["level_measure"] = "999.0", "an older definition"  # stale
     write_results(out, rows)
     monkeypatch.setattr(levels, "LEVEL_THRESHOLDS", (1e6, 2e6, 3e6))  # new thresholds: everything is L1
     assert main(["benchmark", "--table-only", "--out", str(out), "--no-report"]) == 0
     rows = read_results(out)
-    assert float(rows[first]["sharp_edge_density"]) == pytest.approx(float(densities[first]))
+    for name in (first, second):
+        assert float(rows[name]["sharp_edge_density"]) == pytest.approx(float(densities[name]))
+        assert rows[name]["level_measure"] == levels.LEVEL_MEASURE
     assert [r["level"] for r in rows.values() if r["status"] == "ok"] == ["1"] * 3
     table = (out / "table.md").read_text()
     assert "| L1 | 3 | 0 |" in table and "| unknown | 0 | 1 |" in table and "| all | 3 | 1 |" in table

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     p.add_argument("--limit", type=int, default=None, help="only the first N meshes (sorted by path)")
     p.add_argument("--table-only", action="store_true", help="only rebuild OUT/table.md (and the levels of "
-                   "OUT/results.csv) from the results, computing missing sharp-edge densities")
+                   "OUT/results.csv) from the results, measuring missing or stale sharp-edge densities")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from focusing.eval.benchmark import BenchmarkSettings, run_benchmark, write_table
 
     if args.table_only:
-        print(write_table(args.out, fill_levels=True), end="")
+        print(write_table(args.out), end="")
     else:
         missing = [f"--{k}" for k in ("method", "data", "resolution") if getattr(args, k) is None]
         if missing:

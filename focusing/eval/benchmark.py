@@ -14,7 +14,8 @@ the method's reconstruction (timed: `seconds`), saved atomically, then `surface_
 one (1M samples, F@0.002: `*_fine`), where the 100K protocol's own sampling floor no longer hides differences.
 Chamfer is stored raw (squared distances in the unit-cube frame); the table shows it in 1e-5 units. Other columns:
 `gt_path` (absolute), `pred_path` (relative to OUT, empty if failed), `level` (1-4, empty if unknown),
-`sharp_edge_density`, `status` (ok / failed), `error` (one line), `faces` (prediction), `gt_faces`, `metric_seconds`.
+`sharp_edge_density` and `level_measure` (its definition, `focusing.eval.levels.LEVEL_MEASURE`), `status`
+(ok / failed), `error` (one line), `faces` (prediction), `gt_faces`, `metric_seconds`.
 
 Semantics (the pattern of `focusing prepare`):
 - `name` is the mesh's item id (`find_items`: file stem + hash of its relative path), made file-name safe.
@@ -24,7 +25,8 @@ Semantics (the pattern of `focusing prepare`):
 - A failing mesh (unreadable GT, a method error, out of memory) gets status `failed` and its one-line error; the
   run goes on, and the next run retries it.
 - results.csv is rewritten (atomically) after every mesh; table.md at the end of a run.
-- Levels are recomputed from the stored density at table time (`write_table`), so new level thresholds only need
+- Levels are recomputed from the stored density at table time (`write_table`), and densities measured by another
+  definition (or missing) are measured again, so new thresholds or a new measure only need
   `focusing benchmark --table-only --out OUT`.
 """
 
@@ -54,7 +56,8 @@ FINE_SAMPLES = 1_000_000
 FINE_THRESHOLD = 0.002
 LEVELS = (1, 2, 3, 4)
 COLUMNS = (
-    "name", "gt_path", "pred_path", "method", "resolution", "level", "sharp_edge_density", "status", "error",
+    "name", "gt_path", "pred_path", "method", "resolution", "level", "sharp_edge_density", "level_measure", "status",
+    "error",
     "seconds", "chamfer", "fscore", "precision", "recall", "normal_consistency", "fscore_fine", "chamfer_fine",
     "precision_fine", "recall_fine", "normal_consistency_fine", "faces", "gt_faces", "metric_seconds",
 )
@@ -109,7 +112,7 @@ def _row(item: Item, settings: BenchmarkSettings) -> dict:
 
 def benchmark_mesh(item: Item, out_dir: str | Path, settings: BenchmarkSettings) -> dict:
     """Reconstruct and score one mesh; never raises for a bad mesh: returns its row (status ok / failed)."""
-    from focusing.eval.levels import mesh_level
+    from focusing.eval.levels import LEVEL_MEASURE, mesh_level
     from focusing.eval.metrics import surface_metrics
     from focusing.io import load_mesh, normalize, save_mesh
 
@@ -120,6 +123,7 @@ def benchmark_mesh(item: Item, out_dir: str | Path, settings: BenchmarkSettings)
         gt, _ = normalize(load_mesh(item.path), item.path)
         row["gt_faces"] = len(gt.faces)
         row["level"], row["sharp_edge_density"] = mesh_level(gt)
+        row["level_measure"] = LEVEL_MEASURE
         start = time.perf_counter()
         pred = _method(settings).reconstruct(gt, settings.resolution, seed=settings.seed)
         row["seconds"] = round(time.perf_counter() - start, 3)
@@ -248,11 +252,11 @@ def _stats(values: list[float], scale: float = 1.0) -> tuple[str, str]:
     return f"{v.mean():.4g}", f"{v.std():.4g}"
 
 
-def write_table(out_dir: str | Path, *, fill_levels: bool = False) -> str:
+def write_table(out_dir: str | Path) -> str:
     """Regroup OUT/results.csv by `level_of(sharp_edge_density)` (rewriting its `level` column) and write
-    OUT/table.md; returns the table. `fill_levels` first computes the density of rows that lack one (loading
-    their GT)."""
-    from focusing.eval.levels import level_of, mesh_level
+    OUT/table.md; returns the table. Rows whose GT loaded but whose density is missing or stale (another
+    `LEVEL_MEASURE`) are measured again first (loading their GT; a failure leaves the level unknown)."""
+    from focusing.eval.levels import LEVEL_MEASURE, level_of, mesh_level
     from focusing.io import load_mesh
 
     out_dir = Path(out_dir)
@@ -260,9 +264,15 @@ def write_table(out_dir: str | Path, *, fill_levels: bool = False) -> str:
     if not rows:
         raise FocusingError(f"{out_dir / 'results.csv'}: no results to tabulate")
     for row in rows.values():
-        if fill_levels and row["sharp_edge_density"] == "" and row["gt_faces"] != "":  # the GT loaded before
-            row["sharp_edge_density"] = mesh_level(load_mesh(row["gt_path"]))[1]
-        density = _number(row["sharp_edge_density"])
+        stale = row["sharp_edge_density"] == "" or row.get("level_measure") != LEVEL_MEASURE
+        if stale and row.get("gt_faces"):  # the GT loaded before
+            try:
+                row["sharp_edge_density"] = mesh_level(load_mesh(row["gt_path"]))[1]
+                row["level_measure"] = LEVEL_MEASURE
+            except Exception as exc:  # noqa: BLE001  (the table still gets written, with this level unknown)
+                print(f"focusing benchmark: level of {row['gt_path']}: {exc}", file=sys.stderr)
+                row["sharp_edge_density"] = row["level_measure"] = ""
+        density = _number(row["sharp_edge_density"]) if row.get("level_measure") == LEVEL_MEASURE else None
         row["level"] = "" if density is None else level_of(density)
     write_results(out_dir, rows)
     settings_file = out_dir / "settings.json"

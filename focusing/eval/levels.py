@@ -59,6 +59,8 @@ LEVEL_RESOLUTION = 128
 SHARP_ANGLE_DEG = 15.0
 SMOOTHING_STEPS = 5
 TAUBIN_LAMBDA, TAUBIN_MU = 0.5, -0.53
+LEVEL_MEASURE = f"offset-surface R={LEVEL_RESOLUTION} taubin={SMOOTHING_STEPS} ring=2 angle={SHARP_ANGLE_DEG:g}"
+"""Names the density's definition: densities stored under another name are stale (`focusing benchmark` redoes them)."""
 
 # The quartiles of the 900-mesh corpus ../shared/data/base-meshes (q25 25.2259, median 46.9123, q75 89.5756; see
 # the module docstring), rounded to 2 decimals: 225 of its meshes in each level. Fixed: do not re-derive per dataset.
