@@ -17,12 +17,12 @@ from focusing.data.dataset import LEVEL_KEYS, ShapeDataset, collate_shapes
 from focusing.data.grid import voxel_corners
 from focusing.data.prepare import (
     PrepareSettings,
-    _run_pool,
     assign,
     find_items,
     prepare_dataset,
     process_item,
     read_index,
+    run_pool,
 )
 from focusing.data.tsdf import corner_tsdf
 from focusing.data.voxelize import voxel_pyramid, with_batch
@@ -174,7 +174,7 @@ def test_a_dying_worker_fails_its_items_and_the_batch_goes_on(inputs, tmp_path):
     out = tmp_path / "crash"
     entries = []
     work = functools.partial(_crash_on_ladder, out_dir=out, settings=PrepareSettings(resolution=8, points=64))
-    _run_pool(items, work, 1, entries.append)
+    run_pool(items, work, 1, entries.append)
     assert sorted(e["id"] for e in entries) == sorted(i.id for i in items)  # every item exactly once
     status = {e["key"].split("/")[-1]: e["status"] for e in entries}
     assert status["steel_ladder.ply"] == "failed"

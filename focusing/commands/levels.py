@@ -11,8 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="detail level L1-L4 of each mesh (sharp-edge density)",
         description="Prints one line per mesh, sorted by name: level, sharp-edge density (length of edges whose "
         "normals turn by more than 15 degrees, per unit area, on the smoothed closed surface one voxel around the "
-        "mesh at R=128, in the normalised frame; see focusing.eval.levels) and name. A mesh that fails is reported on stderr with its "
-        "reason and the run goes on; the exit code is 1 only if every mesh failed, or with --strict if any did.",
+        "mesh at R=128, in the normalised frame; see focusing.eval.levels) and name. A mesh that fails is reported "
+        "on stderr with its reason and the run goes on; the exit code is 1 only if every mesh failed, or with --strict if any did.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="mesh files, or folders searched recursively")
     p.add_argument("--json", metavar="OUT", help="also write every mesh's result and the summary to this JSON file")
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def measure(item) -> dict:
     """Result of one `focusing.data.prepare.Item`: {key, source, status, level, density} or {..., error}."""
-    from focusing.errors import InputError
+    from focusing.errors import failure_message
     from focusing.eval.levels import mesh_level
     from focusing.io import load_mesh
 
@@ -33,11 +33,8 @@ def measure(item) -> dict:
     try:
         level, density = mesh_level(load_mesh(item.path))
         return {**entry, "status": "ok", "level": level, "density": density}
-    except InputError as exc:
-        return {**entry, "status": "failed", "error": exc.problem}
     except Exception as exc:  # noqa: BLE001  (a batch goes on: record any failure)
-        message = (str(exc).strip().splitlines() or [""])[0]
-        return {**entry, "status": "failed", "error": f"{type(exc).__name__}: {message}"}
+        return {**entry, "status": "failed", "error": failure_message(exc)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,14 +44,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from focusing.data.prepare import _run_pool, find_items
-    from focusing.errors import InputError
+    from focusing.data.prepare import find_items, run_pool
     from focusing.eval.levels import LEVEL_RESOLUTION, LEVEL_THRESHOLDS
-    from focusing.io import LOAD_FORMATS, write_text_atomic
+    from focusing.io import write_text_atomic
 
     items = find_items(args.inputs)
-    if not items:
-        raise InputError(args.inputs[0], f"no mesh files found (looked for {', '.join(LOAD_FORMATS)})")
     results: dict[str, dict] = {}
     bar = tqdm(total=len(items), desc="levels", unit="mesh", disable=args.quiet)
 
@@ -69,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             for item in items:
                 record(measure(item))
         else:
-            _run_pool(items, measure, args.workers, record)
+            run_pool(items, measure, args.workers, record)
     finally:
         bar.close()
 

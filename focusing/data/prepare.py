@@ -48,7 +48,7 @@ import torch
 
 from focusing.data.sampling import DEFAULT_POINTS
 from focusing.data.tsdf import DEFAULT_TRUNCATION_VOXELS
-from focusing.errors import InputError
+from focusing.errors import InputError, failure_message
 from focusing.io.atomic import atomic_path, write_text_atomic
 from focusing.io.mesh import LOAD_FORMATS
 
@@ -103,7 +103,7 @@ def _item(path: Path, key: str) -> Item:
 def find_items(inputs: list[str | os.PathLike]) -> list[Item]:
     """Mesh files among `inputs` (files, or folders searched recursively for LOAD_FORMATS), sorted by key.
 
-    Missing inputs raise InputError. A file given directly is taken whatever its suffix (a bad one then fails
+    Missing inputs, and inputs holding no mesh file, raise InputError. A file given directly is taken whatever its suffix (a bad one then fails
     as an item); in folders only known mesh suffixes count. A file found twice (same resolved path) or two
     files with the same key are kept once (the first).
     """
@@ -125,6 +125,8 @@ def find_items(inputs: list[str | os.PathLike]) -> list[Item]:
         if key not in items and path.resolve() not in seen:
             items[key] = _item(path, key)
             seen.add(path.resolve())
+    if not items:
+        raise InputError(inputs[0] if inputs else ".", f"no mesh files found (looked for {', '.join(LOAD_FORMATS)})")
     return sorted(items.values(), key=lambda i: i.key)
 
 
@@ -241,11 +243,8 @@ def process_item(item: Item, out_dir: str | os.PathLike, settings: PrepareSettin
         timer.mark("write")
         meta["seconds"] = {k: round(v, 4) for k, v in timer.seconds.items()}
         return {**entry, **meta, "status": "ok", "elapsed": round(time.perf_counter() - start, 3)}
-    except InputError as exc:
-        return {**entry, "status": "failed", "error": exc.problem}
     except Exception as exc:  # noqa: BLE001  (a batch goes on: record any failure, e.g. out of memory)
-        message = (str(exc).strip().splitlines() or [""])[0]
-        return {**entry, "status": "failed", "error": f"{type(exc).__name__}: {message}"}
+        return {**entry, "status": "failed", "error": failure_message(exc)}
 
 
 def _worker_init(threads: int) -> None:
@@ -279,10 +278,7 @@ def prepare_dataset(
     """Prepare this rank's share of the meshes in `inputs` into `out_dir` (see the module docstring)."""
     from tqdm import tqdm
 
-    found = find_items(inputs)
-    if not found:
-        raise InputError(inputs[0] if inputs else ".", f"no mesh files found (looked for {', '.join(LOAD_FORMATS)})")
-    items = assign(found, rank, world_size)
+    items = assign(find_items(inputs), rank, world_size)
     out_dir = Path(out_dir)
     report = PrepareReport(index=index_path(out_dir, rank, world_size))
     entries: dict[str, dict] = {}
@@ -325,7 +321,7 @@ def prepare_dataset(
                     save_index()
                     last_save = time.monotonic()
         else:
-            _run_pool(
+            run_pool(
                 todo,
                 functools.partial(process_item, out_dir=out_dir, settings=settings),
                 workers,
@@ -337,7 +333,7 @@ def prepare_dataset(
     return report
 
 
-def _run_pool(todo: list[Item], work, workers: int, record, died=None) -> None:
+def run_pool(todo: list[Item], work, workers: int, record, died=None) -> None:
     """`record(work(item))` for every item, in `workers` spawned processes, at most 2 per worker in flight
     (`work` must be picklable). A worker that dies (killed for memory, crash) fails the items the pool had in
     flight (`record(died(item))`, by default a failed index entry); the pool is restarted and the batch goes on."""

@@ -44,12 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
-from focusing.data.prepare import Item, _run_pool, find_items
-from focusing.errors import FocusingError, InputError
+from focusing.data.prepare import Item, find_items, run_pool
+from focusing.errors import FocusingError, failure_message
 from focusing.eval.baselines import make_method, method_identity
 from focusing.eval.metrics import PAPER_SAMPLES, PAPER_THRESHOLD
 from focusing.io.atomic import write_text_atomic
-from focusing.io.mesh import LOAD_FORMATS
 
 FORMAT_VERSION = 1
 FINE_SAMPLES = 1_000_000
@@ -139,13 +138,8 @@ def benchmark_mesh(item: Item, out_dir: str | Path, settings: BenchmarkSettings)
             row[key] = getattr(coarse, key)
             row[f"{key}_fine"] = getattr(fine, key)
         return {**row, "pred_path": pred_path, "status": "ok"}
-    except InputError as exc:  # the GT's path is in the row already
-        return {**row, "status": "failed", "error": exc.problem}
-    except FocusingError as exc:
-        return {**row, "status": "failed", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001  (a batch goes on: record any failure, e.g. out of memory)
-        message = (str(exc).strip().splitlines() or [""])[0]
-        return {**row, "status": "failed", "error": f"{type(exc).__name__}: {message}"}
+        return {**row, "status": "failed", "error": failure_message(exc)}  # the GT's path is in the row already
 
 
 def read_results(out_dir: str | Path) -> dict[str, dict]:
@@ -191,8 +185,6 @@ def run_benchmark(
     from tqdm import tqdm
 
     items = find_items(inputs)
-    if not items:
-        raise InputError(inputs[0] if inputs else ".", f"no mesh files found (looked for {', '.join(LOAD_FORMATS)})")
     items = items[:limit] if limit is not None else items
     out_dir = Path(out_dir)
     identity = settings.identity()
@@ -233,7 +225,7 @@ def run_benchmark(
                 record(benchmark_mesh(item, out_dir, settings))
         else:
             work = functools.partial(benchmark_mesh, out_dir=out_dir, settings=settings)
-            _run_pool(todo, work, workers, record, died=died)
+            run_pool(todo, work, workers, record, died=died)
     finally:
         bar.close()
         report.table = write_table(out_dir)
