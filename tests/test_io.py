@@ -118,3 +118,13 @@ def test_atomic_writes_get_plain_file_permissions(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
     finally:
         os.umask(mask)
+
+
+def test_resolve_device():
+    import torch
+
+    from focusing.device import resolve_device
+
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None) == auto
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("cpu")) == torch.device("cpu")

@@ -44,14 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    import torch
-
     from focusing.data.prepare import PrepareSettings, prepare_dataset
+    from focusing.device import resolve_device
     from focusing.errors import FocusingError
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     rank = args.rank if args.rank is not None else _env_int("RANK", "SLURM_PROCID", default=0)
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     try:

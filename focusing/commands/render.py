@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from focusing.device import resolve_device
     from focusing.errors import FocusingError
     from focusing.io import load_mesh, normalize, write_text_atomic
     from focusing.render import render_mesh
@@ -44,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views < 1 or args.resolution < 1:
         raise FocusingError("--views and --resolution must be positive")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     mesh, _ = normalize(load_mesh(args.mesh))
     vertices = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
     faces = torch.as_tensor(mesh.faces, device=device)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from focusing.data.sampling import DEFAULT_POINTS
+from focusing.device import resolve_device
 from focusing.errors import FocusingError
 from focusing.io.mesh import Mesh
 
@@ -91,13 +92,6 @@ def method_identity(method) -> dict:
     runtime = getattr(method, "RUNTIME_OPTIONS", ())
     options = {k: v for k, v in dataclasses.asdict(method).items() if k not in runtime}
     return {"method": method.name, "options": options}
-
-
-def _device(device: str):
-    import torch
-
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device)
 
 
 @register("gt-resample")
@@ -180,7 +174,7 @@ class SdfMc:
     def reconstruct(self, gt: Mesh, resolution: int, *, seed: int = 0) -> Mesh:
         from focusing.eval.watertight import watertight_remesh
 
-        return watertight_remesh(gt, resolution, device=_device(self.device))
+        return watertight_remesh(gt, resolution, device=resolve_device(self.device))
 
 
 @register("fit")
@@ -203,4 +197,4 @@ class Fit:
         for key in ("steps", "image_size", "view_pool", "views_per_step"):
             if getattr(self, key) is not None:
                 setattr(config, key, getattr(self, key))
-        return fit_mesh(gt, resolution, device=_device(self.device), seed=seed, config=config)
+        return fit_mesh(gt, resolution, device=resolve_device(self.device), seed=seed, config=config)

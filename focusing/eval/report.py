@@ -31,6 +31,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
+from focusing.device import resolve_device
 from focusing.errors import FocusingError, InputError
 from focusing.eval.metrics import PAPER_THRESHOLD
 from focusing.io import Mesh, load_mesh, normalize, write_text_atomic
@@ -143,7 +144,7 @@ def write_report(bench_dir: str | os.PathLike, *, views: int = 3, resolution: in
         raise FocusingError(f"need at least 1 view and 8 pixels, got {views} views of {resolution} px")
     bench_dir = Path(bench_dir)
     rows = read_results(bench_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+    device = resolve_device(device)
     settings = {"views": views, "resolution": resolution, "margin": MARGIN, "elevation_deg": ELEVATION_DEG,
                 "fov_deg": FOV_DEG, "vmax": ERROR_VMAX}
     out = bench_dir / "report"

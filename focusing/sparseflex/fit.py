@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from focusing.data.grid import delinearize, linearize, voxel_corners
+from focusing.device import resolve_device
 from focusing.errors import FocusingError
 from focusing.io.mesh import Mesh
 from focusing.sparseflex.extract import SparseFlexResult, sparseflex_mesh
@@ -145,7 +146,7 @@ def fit_mesh(
     """Fit a SparseFlex field at `resolution` to `mesh` (normalised frame) by render loss; returns the mesh
     extracted with the inference split, in the normalised frame. `steps` overrides `config.steps`."""
     config = config or FitConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     field, target = init_field(mesh, resolution, config, device)
     optimize_field(field, target, mesh, config, steps=steps, seed=seed, progress=progress)
     with torch.no_grad():
