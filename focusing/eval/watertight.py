@@ -29,13 +29,24 @@ import numpy as np
 import torch
 
 from focusing.data.distance import TriangleGrid
-from focusing.data.grid import voxel_corners
-from focusing.data.voxelize import voxelize, with_batch
+from focusing.data.grid import delinearize, voxel_corners
 from focusing.errors import FocusingError
 from focusing.io.mesh import Mesh
 
 BLOCK_DISTANCE = 0.5
 """Corners at most this far from the surface (grid units) block the flood fill."""
+
+
+def _surface_band(mesh: Mesh, resolution: int, device, what: str) -> tuple[TriangleGrid, np.ndarray, np.ndarray]:
+    """The triangle grid of `mesh` at R, the corners [M, 3] int64 of its surface voxels (the grid's cells: the exact
+    voxelisation) and their distances u [M] float64 (grid units, exact below 2, which bounds a cell corner's)."""
+    grid = TriangleGrid(mesh, resolution, device=device)
+    if len(grid.cell_keys) == 0:
+        raise FocusingError(f"{what}: the mesh has no surface voxels")
+    coords = delinearize(grid.cell_keys, resolution)  # keys (x R + y) R + z: batch column 0
+    corners = voxel_corners(coords)[0][:, 1:].to(torch.int64)
+    u = grid.distance(corners.to(torch.float64), 2.0)
+    return grid, corners.cpu().numpy(), u.cpu().numpy()
 
 
 def inside_outside(mesh: Mesh, resolution: int, *, device: str | torch.device | None = None):
@@ -46,14 +57,9 @@ def inside_outside(mesh: Mesh, resolution: int, *, device: str | torch.device | 
     from scipy import ndimage
 
     size = resolution + 3
-    coords = voxelize(mesh, resolution, device=device)
-    if len(coords) == 0:
-        raise FocusingError("watertight remesh: the mesh has no surface voxels")
-    corners, _ = voxel_corners(with_batch(coords))
-    corners = corners[:, 1:]
-    u = TriangleGrid(mesh, resolution, device=device).distance(corners.to(torch.float64), 2.0)  # all < sqrt(3)
-    index = tuple((corners.to(torch.int64).cpu() + 1).T.numpy())
-    u = u.cpu().numpy().astype(np.float32)
+    _, corners, u = _surface_band(mesh, resolution, device, "watertight remesh")
+    index = tuple((corners + 1).T)
+    u = u.astype(np.float32)
 
     blocked = np.zeros((size,) * 3, dtype=bool)
     blocked[index] = u <= BLOCK_DISTANCE
@@ -80,12 +86,8 @@ def offset_surface(mesh: Mesh, resolution: int, *, device: str | torch.device | 
 
     pad, far = 2, 2.0  # the level set leaves [0, R]^3 by one voxel; distances are exact below `far`
     size = resolution + 1 + 2 * pad
-    coords = voxelize(mesh, resolution, device=device)
-    if len(coords) == 0:
-        raise FocusingError("offset surface: the mesh has no surface voxels")
-    grid = TriangleGrid(mesh, resolution, device=device)
-    band = voxel_corners(with_batch(coords))[0][:, 1:].to(torch.int64).cpu().numpy() + pad
-    u = grid.distance(torch.as_tensor(band - pad, dtype=torch.float64), far).cpu().numpy()
+    grid, band, u = _surface_band(mesh, resolution, device, "offset surface")
+    band += pad
     steps = np.concatenate([np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)])
     near = band[u < 1.0]
 
