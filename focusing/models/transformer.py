@@ -1,7 +1,12 @@
 """Sparse Swin transformer: pre-norm blocks of shifted-window attention + MLP over sparse voxels (paper §3.4).
 
 Blocks alternate window shifts 0 and window_size // 2 so information crosses window borders. The voxel
-positions enter once, as a sinusoidal embedding of the integer coords added after the input layer.
+positions enter once, added after the input layer, as one of:
+- "absolute": a sinusoidal embedding of the integer coords (TripoSF's APE; ties the model to the coordinate
+  range it was trained on);
+- "window": a learned embedding of the position inside the (unshifted) window, (xyz mod window_size), so the
+  network is translation invariant by whole windows and decodes grids of any size the same way (a local model);
+- "none".
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ class AbsolutePositionEmbedder(nn.Module):
         angles = coords.to(torch.float32)[:, :, None] * self.freqs  # [N, 3, F]
         emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
         return F.pad(emb, (0, self.channels - emb.shape[1]))
+
+
+class WindowPositionEmbedder(nn.Module):
+    """Learned embedding of the cell of each voxel inside its window: coords `[N, 3]` -> `[N, channels]`."""
+
+    def __init__(self, channels: int, window_size: int):
+        super().__init__()
+        self.window_size = window_size
+        self.table = nn.Embedding(window_size**3, channels)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        cell = torch.remainder(coords.to(torch.int64), self.window_size)
+        return self.table((cell[:, 0] * self.window_size + cell[:, 1]) * self.window_size + cell[:, 2])
+
+
+POSITION_EMBEDDINGS = ("absolute", "window", "none")
 
 
 class SparseWindowAttention(nn.Module):
@@ -137,10 +159,17 @@ class SparseTransformer(nn.Module):
         use_checkpoint: bool = False,
         qk_rms_norm: bool = False,
         attn_backend: str | None = None,
+        pos_embedding: str = "absolute",
     ):
         super().__init__()
+        if pos_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"pos_embedding must be one of {POSITION_EMBEDDINGS}, got {pos_embedding!r}")
         self.input_layer = nn.Linear(in_channels, model_channels)
-        self.pos_embedder = AbsolutePositionEmbedder(model_channels)
+        self.pos_embedder = {
+            "absolute": lambda: AbsolutePositionEmbedder(model_channels),
+            "window": lambda: WindowPositionEmbedder(model_channels, window_size),
+            "none": lambda: None,
+        }[pos_embedding]()
         self.blocks = nn.ModuleList(
             SparseTransformerBlock(
                 model_channels,
@@ -158,7 +187,10 @@ class SparseTransformer(nn.Module):
         self.out_layer = nn.Linear(model_channels, out_channels)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = x.replace(self.input_layer(x.feats) + self.pos_embedder(x.coords[:, 1:]))
+        h = self.input_layer(x.feats)
+        if self.pos_embedder is not None:
+            h = h + self.pos_embedder(x.coords[:, 1:])
+        h = x.replace(h)
         for block in self.blocks:
             h = block(h)
         return h.replace(self.out_layer(self.out_norm(h.feats)))

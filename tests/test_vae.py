@@ -1,0 +1,158 @@
+"""The Focusing VAE: shapes, step-0 surface, GT-pruned training decode, tiled == untiled decoding, latents."""
+
+import pytest
+import torch
+from sparse_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+from focusing.data.sampling import sample_surface
+from focusing.data.voxelize import voxel_pyramid, with_batch
+from focusing.inference import Latent, decode_latent, decode_tiled, encode_mesh, load_latent, save_latent
+from focusing.io import load_mesh, normalize
+from focusing.models.vae import FocusingVAE, VAEConfig
+from focusing.sparse.lookup import occupancy
+
+TINY = dict(pointnet_channels=32, pointnet_hidden=16, pointnet_blocks=2, encoder_channels=32, encoder_blocks=2,
+            decoder_channels=32, decoder_blocks=2, head_channels=16, window_size=4, pos_embedding="window",
+            upsample_channels=(16, 16), resolution=32)
+
+
+@pytest.fixture(scope="module")
+def shape(data_dir):
+    mesh, _ = normalize(load_mesh(data_dir / "fandisk.ply"))
+    R = 32
+    pyramid = voxel_pyramid(mesh, R)
+    s = sample_surface(mesh, 20_000, seed=0)
+    return {
+        "mesh": mesh, "R": R,
+        "points": torch.from_numpy(s.points), "normals": torch.from_numpy(s.normals),
+        "levels": [with_batch(pyramid[r]) for r in (R // 4, R // 2, R)],
+    }
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return FocusingVAE(VAEConfig(**{**TINY, **overrides}))
+
+
+def test_b_config_is_the_anchor_size():
+    n = sum(p.numel() for p in FocusingVAE(VAEConfig()).parameters())
+    assert 170e6 < n < 190e6  # TripoSF's 1024 model: ~180M
+
+
+def test_encode_shapes_and_kl(shape):
+    model = _model()
+    latent, mid, full = shape["levels"]
+    post = model.encode(shape["points"], shape["normals"], None, latent, shape["R"] // 4)
+    assert post.mean.feats.shape == (len(latent), 8) and post.logvar.shape == (len(latent), 8)
+    assert torch.equal(post.mean.coords, latent)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = post.sample(g), post.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(z1.feats, z2.feats) and not torch.equal(z1.feats, post.mean.feats)
+    # KL of N(mu, sigma^2) to N(0, 1), averaged: check against the closed form on a hand-made posterior
+    post.logvar = torch.full_like(post.logvar, 0.5)
+    post.mean = post.mean.replace(torch.full_like(post.mean.feats, 2.0))
+    expected = 0.5 * (4.0 + torch.exp(torch.tensor(0.5)) - 1.0 - 0.5)
+    assert torch.allclose(post.kl(), expected)
+
+
+def test_training_decode_keeps_gt_children_and_step0_has_a_surface(shape):
+    """In training the children are the GT voxels below the decoded latent voxels; a fresh model already
+    extracts a surface, and every vertex lies in (or on) a decoded voxel."""
+    model = _model().train()
+    latent, mid, full = shape["levels"]
+    R = shape["R"]
+    z = model.encode(shape["points"], shape["normals"], None, latent, R // 4).mean
+    keep = torch.zeros(len(latent), dtype=torch.bool)
+    keep[: len(latent) // 2] = True  # a "carved" subset
+    out = model.decode(z.select(keep), targets=(mid, full))
+    parents = latent[keep]
+    expect = full[occupancy(torch.cat([full[:, :1], torch.div(full[:, 1:], 4, rounding_mode="floor")], 1), parents)]
+    assert torch.equal(out.coords, expect)
+    for up in out.upsample:
+        assert up.logits.shape == up.target.shape and up.target.any() and not up.target.all()
+    res = out.mesh(training=True)
+    assert len(res.faces) > 100
+    grid = (res.vertices.detach() + 0.5) * R
+    cell = torch.cat([torch.zeros(len(grid), 1), grid.floor().clamp(0, R - 1)], 1).int()
+    near = torch.zeros(len(grid), dtype=torch.bool)
+    for dx in (0, -1):  # a vertex on a voxel face belongs to either side
+        for dy in (0, -1):
+            for dz in (0, -1):
+                c = cell.clone()
+                c[:, 1:] += torch.tensor([dx, dy, dz], dtype=torch.int32)
+                near |= occupancy(c, out.coords)
+    assert near.all()
+
+
+def test_gradients_reach_every_part(shape):
+    model = _model().train()
+    latent, mid, full = shape["levels"]
+    post = model.encode(shape["points"], shape["normals"], None, latent, shape["R"] // 4)
+    out = model.decode(post.sample(), targets=(mid, full))
+    res = out.mesh(training=True)
+    loss = res.vertices.square().sum() + sum(u.logits.square().mean() for u in out.upsample) + post.kl()
+    loss.backward()
+    for name in ("pointnet", "encoder", "decoder", "upsample", "head"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_freeze_pointnet():
+    model = _model(freeze_pointnet=True)
+    assert not any(p.requires_grad for p in model.pointnet.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+
+
+def test_tiled_decoding_equals_untiled(shape):
+    model = _model(seed=3).double().eval()
+    latent = shape["levels"][0]
+    z = model.encode(shape["points"].double(), shape["normals"].double(), None, latent, shape["R"] // 4).mean
+    whole = decode_tiled(model, z, tile=None)
+    assert len(whole.coords) > 0
+    for tile in (3, 4):  # 3: tiles not aligned with the attention windows
+        tiled = decode_tiled(model, z, tile=tile)
+        assert torch.equal(tiled.coords, whole.coords)
+        for name in ("sdf", "deform", "alpha", "beta", "gamma"):
+            assert torch.allclose(getattr(tiled, name), getattr(whole, name), atol=1e-9), name
+    a, b = whole.mesh(training=False), decode_tiled(model, z, tile=4).mesh(training=False)
+    assert torch.equal(a.faces, b.faces) and torch.allclose(a.vertices, b.vertices, atol=1e-9)
+
+
+def test_encode_decode_round_trip_through_a_file(shape, data_dir, tmp_path):
+    model = _model().eval()
+    raw = load_mesh(data_dir / "fandisk.ply")
+    latent = encode_mesh(model, raw, 32, points=20_000)
+    assert latent.z.resolution == 8 and latent.output_resolution == 32
+    save_latent(latent, tmp_path / "z.safetensors")
+    again = load_latent(tmp_path / "z.safetensors")
+    assert torch.equal(again.z.coords, latent.z.coords) and torch.equal(again.z.feats, latent.z.feats)
+    assert again.normalization == latent.normalization
+    out = decode_latent(model, again, tile=4)
+    lo, hi = raw.bounds
+    # a fresh model's surface lies inside the children of the latent voxels: within one latent voxel (4 / R) of
+    # the input's bounding box, in the input's units
+    pad = (hi - lo).max() * 4 / 32 * 1.01
+    assert (out.vertices >= lo - pad).all() and (out.vertices <= hi + pad).all()
+
+
+def test_load_latent_rejects_other_files(tmp_path):
+    from focusing.errors import InputError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a focusing latent"):
+        load_latent(bad)
+    with pytest.raises(InputError, match="no such file"):
+        load_latent(tmp_path / "missing.safetensors")
+
+
+def test_decode_rejects_a_latent_of_other_channels(shape):
+    from focusing.errors import FocusingError
+    from focusing.io.mesh import Normalization
+    from focusing.sparse import SparseTensor
+
+    model = _model().eval()
+    latent = shape["levels"][0]
+    z = SparseTensor(latent, torch.zeros(len(latent), 4), resolution=8)
+    with pytest.raises(FocusingError, match="4 channels"):
+        decode_latent(model, Latent(z, Normalization((0.0, 0.0, 0.0), 1.0)))
