@@ -95,3 +95,73 @@ def test_flex_loss_sums_dev_and_consistency():
         consistency = torch.tensor(0.5)
 
     assert float(flex_loss(R())) == 0.75
+
+
+def test_depth_smooth_l1_is_quadratic_below_beta_and_linear_above():
+    from focusing.losses import depth_smooth_l1
+
+    valid = torch.tensor([[[True, True, False]]])
+    gt = torch.zeros(1, 1, 3)
+    pred = torch.tensor([[[0.001, 0.5, 100.0]]])  # the third pixel is not valid
+    beta = 0.01
+    expected = (0.5 * 0.001**2 / beta + (0.5 - 0.5 * beta)) / 2
+    assert torch.allclose(depth_smooth_l1(pred, gt, valid, beta), torch.tensor(expected))
+
+
+def test_occupancy_bce_and_flex_weights():
+    from focusing.losses import flex_weights_loss, occupancy_bce
+
+    logits = torch.tensor([2.0, -1.0, 0.0])
+    target = torch.tensor([True, False, True])
+    expected = -(torch.log(torch.sigmoid(torch.tensor(2.0))) + torch.log(1 - torch.sigmoid(torch.tensor(-1.0)))
+                 + torch.log(torch.tensor(0.5))) / 3
+    assert torch.allclose(occupancy_bce(logits, target), expected)
+    a, b, g = torch.full((2, 8), -1.0), torch.full((2, 12), 2.0), torch.zeros(2)
+    assert torch.allclose(flex_weights_loss(a, b, g), torch.tensor((16 * 1.0 + 24 * 2.0) / 42))
+    assert occupancy_bce(torch.zeros(0), torch.zeros(0, dtype=torch.bool)) == 0
+
+
+def _lpips_file(path, seed=0):
+    from safetensors.torch import save_file
+
+    from focusing.losses import LPIPS
+
+    g = torch.Generator().manual_seed(seed)
+    channels = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    state = {}
+    for n, i in enumerate(LPIPS.LAYERS):
+        state[f"features.{i}.weight"] = torch.randn(channels[n + 1], channels[n], 3, 3, generator=g) * 0.05
+        state[f"features.{i}.bias"] = torch.zeros(channels[n + 1])
+    for k, c in enumerate((64, 128, 256, 512, 512)):
+        state[f"lin{k}.weight"] = torch.rand(1, c, 1, 1, generator=g)
+    save_file(state, str(path))
+    return path
+
+
+def test_lpips_from_a_local_file(tmp_path):
+    from focusing.losses import LPIPS
+
+    lpips = LPIPS(_lpips_file(tmp_path / "lpips.safetensors"))
+    assert not any(p.requires_grad for p in lpips.parameters())
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 3, 32, 32, generator=g)
+    b = (a + 0.2 * torch.randn(1, 3, 32, 32, generator=g)).clamp(0, 1).requires_grad_()
+    assert lpips(a, a).abs() < 1e-6
+    d = lpips(b, a)
+    assert d > 0
+    d.backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0
+    assert lpips(a, (a + 0.4 * torch.randn(1, 3, 32, 32, generator=g)).clamp(0, 1)) > lpips(a, b.detach()) * 0.5
+
+
+def test_lpips_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from focusing.errors import InputError
+    from focusing.losses import LPIPS
+
+    with pytest.raises(InputError, match="cannot read LPIPS weights"):
+        LPIPS(tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(InputError, match="missing features.0.weight"):
+        LPIPS(tmp_path / "other.safetensors")

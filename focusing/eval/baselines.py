@@ -22,6 +22,8 @@ Methods:
 - `sdf-mc`: the SDF route, flood fill + marching cubes at R (`focusing.eval.watertight.watertight_remesh`).
 - `fit`: a SparseFlex field fitted to the GT's renders at R (`focusing.sparseflex.fit.fit_mesh`): what the VAE's
   decoder can express at best. Slow on CPU.
+- `vae`: the Focusing VAE (`focusing.inference.reconstruct_mesh`): `points` oriented samples of the GT encoded on
+  the exact latent voxels at R/4, decoded at R; `checkpoint` is a folder (default: the shipped one).
 """
 
 from __future__ import annotations
@@ -198,3 +200,24 @@ class Fit:
             if getattr(self, key) is not None:
                 setattr(config, key, getattr(self, key))
         return fit_mesh(gt, resolution, device=resolve_device(self.device), seed=seed, config=config)
+
+
+@register("vae")
+@dataclass
+class VAE:
+    """The VAE's reconstruction at R from `points` oriented GT samples (see the module docstring)."""
+
+    checkpoint: str | None = None
+    points: int = DEFAULT_POINTS
+    tile: int = 64
+    device: str = "auto"
+
+    RUNTIME_OPTIONS = ("device", "tile")
+
+    def reconstruct(self, gt: Mesh, resolution: int, *, seed: int = 0) -> Mesh:
+        from focusing.inference import load_vae, reconstruct_mesh
+
+        if getattr(self, "_model", None) is None:
+            self._model = load_vae(self.checkpoint, device=resolve_device(self.device))
+        return reconstruct_mesh(self._model, gt, resolution, points=self.points, seed=seed, tile=self.tile or None,
+                                normalized=True)

@@ -106,7 +106,7 @@ class VAEObjective:
         z = posterior.sample(generator)
         cams = self.cameras(n_items, generator, device)
         depth_map = None
-        if v.selection == "carve":
+        if v.selection == "carve" or v.zoom:  # the zoom is always chosen on the carved set (focusing.carving)
             with torch.no_grad():
                 depth_map = torch.cat([gt_depth_for_carving(vert, face, cams[b]) for b, (vert, face) in enumerate(meshes)])
         sel = select_voxels(

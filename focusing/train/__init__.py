@@ -1,0 +1,1 @@
+"""Training: configs, the VAE objective, the trainer (AMP, DDP via torchrun, checkpoints, resume, logging)."""
