@@ -2,7 +2,8 @@
 
 A command module adds its parser with `subparsers.add_parser(...)`, sets `func=run` as its default, and
 imports heavy dependencies inside `run`, so `focusing --help` stays fast. `run(args)` returns an exit code
-(or None for 0). A `FocusingError` becomes one line on stderr and exit code 1.
+(or None for 0). A `FocusingError` becomes one line on stderr and exit code 1; a bad argument (argparse, and
+the checks of `focusing.commands.checks`, which run at parse time, before any work) one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from focusing import __version__
 from focusing.errors import FocusingError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `focusing CMD: error: MESSAGE (see focusing CMD --help)`, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="focusing",
         description="Focusing: meshes to sparse-voxel latents and back (view-consistent sparse voxels).",
     )
@@ -33,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a bad argument (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         code = args.func(args)
     except FocusingError as exc:

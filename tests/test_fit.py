@@ -43,7 +43,7 @@ def test_fit_command_writes_the_mesh_in_the_input_units(data_dir, tmp_path, caps
     fitted, gt = load_mesh(out), load_mesh(src)
     extent = gt.bounds[1] - gt.bounds[0]
     assert np.allclose(fitted.bounds, gt.bounds, atol=0.1 * extent.max())  # mapped back, not in [-0.5, 0.5]^3
-    assert main(["fit", str(src), "-r", "16", "-o", str(tmp_path / "x.xyz")]) == 1
+    assert main(["fit", str(src), "-r", "16", "-o", str(tmp_path / "x.xyz")]) == 2  # an argument error
     assert "x.xyz" in capsys.readouterr().err
 
 

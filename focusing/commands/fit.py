@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from focusing.commands.checks import device, int_at_least, non_negative_int, output_file, positive_int
+from focusing.io.mesh import SAVE_FORMATS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,13 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "VAE's decoder can express at R.",
     )
     p.add_argument("mesh", help="input mesh file (OBJ, PLY, STL, OFF, GLB, GLTF)")
-    p.add_argument("-o", "--output", required=True, help="output mesh file (.obj, .ply, .glb)")
-    p.add_argument("--resolution", "-r", type=int, required=True, help="SparseFlex grid resolution R (e.g. 256)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 400)")
-    p.add_argument("--image-size", type=int, default=None, help="render size in pixels (default 512)")
-    p.add_argument("--views", type=int, default=None, help="GT views rendered once and reused (default 64)")
-    p.add_argument("--views-per-step", type=int, default=None, help="views rendered per step (default 4)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("-o", "--output", type=output_file(SAVE_FORMATS), required=True,
+                   help="output mesh file (.obj, .ply, .glb); its folder is checked before the fit starts")
+    p.add_argument("--resolution", "-r", type=int_at_least(4), required=True,
+                   help="SparseFlex grid resolution R, at least 4 (e.g. 256)")
+    p.add_argument("--steps", type=non_negative_int, default=None,
+                   help="optimisation steps (default 400; 0 exports the starting field)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="render size in pixels (default 512)")
+    p.add_argument("--views", type=positive_int, default=None, help="GT views rendered once and reused (default 64)")
+    p.add_argument("--views-per-step", type=positive_int, default=None, help="views rendered per step (default 4)")
+    p.add_argument("--device", type=device, default="auto",
+                   help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--normalized", action="store_true", help="write the mesh in the [-0.5, 0.5]^3 frame")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -30,26 +37,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from focusing.errors import InputError
+    from focusing.commands.format import plural
+    from focusing.errors import FocusingError, InputError
     from focusing.io import Mesh, load_mesh, normalize, save_mesh
-    from focusing.io.mesh import SAVE_FORMATS
     from focusing.sparseflex.fit import FitConfig, fit_mesh
 
-    if not args.output.lower().endswith(SAVE_FORMATS):
-        raise InputError(args.output, f"cannot save this format (supported: {', '.join(SAVE_FORMATS)})")
-    if args.resolution < 4:
-        raise InputError(args.mesh, f"resolution must be at least 4, got {args.resolution}")
     mesh, norm = normalize(load_mesh(args.mesh), args.mesh)
     config = FitConfig()
     for name, field in (("image_size", "image_size"), ("views", "view_pool"), ("views_per_step", "views_per_step")):
         if getattr(args, name) is not None:
             setattr(config, field, getattr(args, name))
-    out = fit_mesh(
-        mesh, args.resolution, steps=args.steps, device=args.device, seed=args.seed, progress=not args.quiet,
-        config=config,
-    )
+    try:
+        out = fit_mesh(
+            mesh, args.resolution, steps=args.steps, device=args.device, seed=args.seed, progress=not args.quiet,
+            config=config,
+        )
+    except FocusingError as exc:  # an empty extraction: say which mesh, at which R, and why
+        raise InputError(args.mesh, f"fit at R={args.resolution}: {exc} (the fitted SDF changes sign nowhere "
+                         "inside the mesh's voxels; try a higher --resolution)") from None
     if not args.normalized:
         out = Mesh(norm.invert(out.vertices), out.faces)
     save_mesh(out, args.output)
-    print(f"wrote {args.output}: {len(out.vertices)} vertices, {len(out.faces)} faces")
+    print(f"wrote {args.output}: {plural(len(out.vertices), 'vertex')}, {plural(len(out.faces), 'face')}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from focusing.commands.checks import output_file, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on stderr with its reason and the run goes on; the exit code is 1 only if every mesh failed, or with --strict if any did.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="mesh files, or folders searched recursively")
-    p.add_argument("--json", metavar="OUT", help="also write every mesh's result and the summary to this JSON file")
+    p.add_argument("--json", metavar="OUT", type=output_file(), help="also write every mesh's result and the summary "
+                   "to this JSON file (its folder is checked before any mesh is measured)")
     p.add_argument("--quartiles", action="store_true", help="also print the densities' min, quartiles and max")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel worker processes (default 1)")
     p.add_argument("--strict", action="store_true", help="exit with code 1 if any mesh failed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

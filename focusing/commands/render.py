@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+from focusing.commands.checks import device, float_in, output_folder, positive_float, positive_int
+
+PICTURE = re.compile(r"view_(\d{3,})_(depth|normal|mask)\.png")
+"""The names of our pictures (view_XXX_<kind>.png, XXX the view's index)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,40 +18,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Normalises the mesh into [-0.5, 0.5]^3 and renders it with the differentiable renderer from "
         "K cameras on a sphere around it (random, or an orbit with --orbit). Writes view_XXX_depth.png (colour-"
         "mapped, yellow = near), view_XXX_normal.png (world normals as RGB = (n + 1) / 2), view_XXX_mask.png "
-        "(antialiased coverage) and cameras.json (view and projection matrices, OpenGL convention).",
+        "(antialiased coverage) and cameras.json (view and projection matrices, OpenGL convention). Rendering into the "
+        "folder of an earlier render replaces it: view_XXX pictures that this run does not write (an earlier run "
+        "had more views) are removed, with a notice; other files are left alone.",
     )
     p.add_argument("mesh", help="mesh file (OBJ, PLY, STL, OFF, GLB/GLTF)")
-    p.add_argument("--views", type=int, default=8, help="number of views (default 8)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resolution", type=int, default=518, help="image size in pixels (default 518, the paper's)")
-    p.add_argument("--fov", type=float, default=40.0, help="vertical field of view in degrees (default 40)")
-    p.add_argument("--radius", type=float, default=2.0, help="camera distance from the centre (default 2)")
+    p.add_argument("--views", type=positive_int, default=8, help="number of views (default 8)")
+    p.add_argument("--out", type=output_folder, required=True, help="output folder (created if missing)")
+    p.add_argument("--resolution", type=positive_int, default=518,
+                   help="image size in pixels (default 518, the paper's)")
+    p.add_argument("--fov", type=float_in(0, 180), default=40.0,
+                   help="vertical field of view in degrees, between 0 and 180 (default 40)")
+    p.add_argument("--radius", type=positive_float, default=2.0,
+                   help="camera distance from the centre, positive (default 2)")
     p.add_argument("--orbit", action="store_true", help="cameras evenly spaced around the object at 20 degrees "
                    "elevation instead of uniformly random on the sphere")
     p.add_argument("--seed", type=int, default=0, help="seed of the random cameras")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--no-antialias", action="store_true", help="hard silhouettes")
-    p.add_argument("--batch", type=int, default=4, help="views rendered per call (memory)")
+    p.add_argument("--batch", type=positive_int, default=4, help="views rendered per call (memory)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import torch
 
-    from focusing.device import resolve_device
-    from focusing.errors import FocusingError
+    from focusing.commands.format import plural
     from focusing.io import load_mesh, normalize, write_text_atomic
     from focusing.render import render_mesh
     from focusing.render.antialias import mesh_topology
     from focusing.render.camera import orbit_cameras, random_cameras
     from focusing.render.images import depth_to_rgb, mask_to_gray, normal_to_rgb, save_png
 
-    if args.views < 1 or args.resolution < 1:
-        raise FocusingError("--views and --resolution must be positive")
-    device = resolve_device(args.device)
+    device = torch.device(args.device)
     mesh, _ = normalize(load_mesh(args.mesh))
     vertices = torch.as_tensor(mesh.vertices, dtype=torch.float32, device=device)
     faces = torch.as_tensor(mesh.faces, device=device)
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cameras = random_cameras(args.views, generator=torch.Generator().manual_seed(args.seed), **common)
     topology = None if args.no_antialias else mesh_topology(faces, len(vertices))
-    out = Path(args.out)
+    out = args.out
     with torch.no_grad():
         for start in range(0, args.views, args.batch):
             batch = cameras[start:start + args.batch]
@@ -68,5 +75,10 @@ def run(args: argparse.Namespace) -> int:
     info = {"mesh": str(args.mesh), "resolution": args.resolution, "convention": "OpenGL; see focusing.render.camera",
             "view": cameras.view.cpu().tolist(), "proj": cameras.proj.cpu().tolist()}
     write_text_atomic(out / "cameras.json", json.dumps(info))
-    print(f"wrote {3 * args.views} PNGs and cameras.json to {out} ({len(faces)} faces, {device})")
+    stale = [f for f in out.iterdir() if (m := PICTURE.fullmatch(f.name)) and int(m[1]) >= args.views]
+    for f in stale:
+        f.unlink()
+    if stale:
+        print(f"removed {plural(len(stale), 'picture')} of an earlier render with more views from {out}")
+    print(f"wrote {3 * args.views} PNGs and cameras.json to {out} ({plural(len(faces), 'face')}, {device})")
     return 0

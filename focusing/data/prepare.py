@@ -22,7 +22,8 @@ Semantics:
 - Item ids are `<stem>-<10 hex of sha1(key)>`, key = the path relative to the input folder it was found in
   (prefixed by that folder's name), or the file name for files given directly: stable across machines.
 - Done = the item file exists and its settings match (it is written to a temporary name and renamed, so it is
-  complete). Re-running skips done items; items whose settings differ are redone.
+  complete). Re-running skips done items; items whose settings differ are redone. Temporaries that a killed run
+  left beside this rank's items and index are removed at the start (`focusing.io.atomic.remove_temporaries`).
 - A bad item (unreadable, empty, degenerate, ...) is logged with its reason, recorded in the index with
   status "failed", and the batch goes on; it is retried on the next run. `strict=True` (CLI `--strict`) makes
   the command exit 1 when any item failed; by default it exits 0 as long as the run itself worked.
@@ -49,7 +50,7 @@ import torch
 from focusing.data.sampling import DEFAULT_POINTS
 from focusing.data.tsdf import DEFAULT_TRUNCATION_VOXELS
 from focusing.errors import InputError, failure_message
-from focusing.io.atomic import atomic_path, write_text_atomic
+from focusing.io.atomic import remove_temporaries, write_bytes_atomic, write_text_atomic
 from focusing.io.mesh import LOAD_FORMATS
 
 FORMAT_VERSION = 1
@@ -212,11 +213,12 @@ def prepare_mesh(path: str | os.PathLike, settings: PrepareSettings, timer: _Ste
 
 
 def write_item(file: str | os.PathLike, tensors: dict, meta: dict) -> None:
-    """Write an item atomically (temporary name, then rename): a file under its final name is complete."""
-    from safetensors.torch import save_file
+    """Write an item atomically (our temporary name, then rename): a file under its final name is complete.
+    Serialised in memory first: safetensors' `save_file` would write through a temporary of its own."""
+    from safetensors.torch import save
 
-    with atomic_path(file) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={METADATA_KEY: json.dumps(meta)})
+    write_bytes_atomic(file, data)
 
 
 def read_item_meta(file: str | os.PathLike) -> dict | None:
@@ -281,6 +283,9 @@ def prepare_dataset(
     items = assign(find_items(inputs), rank, world_size)
     out_dir = Path(out_dir)
     report = PrepareReport(index=index_path(out_dir, rank, world_size))
+    removed = remove_temporaries([item.file(out_dir) for item in items] + [report.index])  # this rank's files only
+    if removed:
+        print(f"focusing prepare: removed {removed} temporary file(s) of a killed run", file=sys.stderr)
     entries: dict[str, dict] = {}
     todo = []
     for item in items:
@@ -308,7 +313,7 @@ def prepare_dataset(
             report.prepared += 1
         else:
             report.failed.append(entry)
-            bar.write(f"focusing prepare: skipped {entry['source']}: {entry['error']}", file=sys.stderr)
+            bar.write(f"focusing prepare: failed {entry['source']}: {entry['error']}", file=sys.stderr)
         bar.update(1)
 
     bar = tqdm(total=len(todo), desc=f"prepare R={settings.resolution}", unit="mesh", disable=not progress)

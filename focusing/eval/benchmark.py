@@ -283,14 +283,15 @@ def format_table(rows: list[dict], settings: dict) -> str:
     groups.append(("all", rows))
     options = ", ".join(f"{k}={v}" for k, v in settings.get("options", {}).items()) or "none"
     failed = sum(r["status"] != "ok" for r in rows)
+    samples, threshold = settings.get("samples", PAPER_SAMPLES), settings.get("threshold", PAPER_THRESHOLD)
+    protocol = " (the paper's protocol)" if (samples, threshold) == (PAPER_SAMPLES, PAPER_THRESHOLD) else ""
     lines = [
         f"# Benchmark: {settings.get('method', '?')} at R = {settings.get('resolution', '?')}",
         "",
         f"{len(rows)} meshes ({failed} failed); method options: {options}.",
         "",
-        f"- CD: Chamfer distance (squared L2, both directions) in 1e-5 units; F: F-score at "
-        f"{settings.get('threshold', PAPER_THRESHOLD)}; NC: normal consistency; all with "
-        f"{settings.get('samples', PAPER_SAMPLES):,} samples per surface (the paper's protocol).",
+        f"- CD: Chamfer distance (squared L2, both directions) in 1e-5 units; F: F-score at {threshold}; NC: normal "
+        f"consistency; all with {samples:,} samples per surface{protocol}.",
         f"- F fine, CD fine: {settings.get('fine_samples', FINE_SAMPLES):,} samples per surface, F at "
         f"{settings.get('fine_threshold', FINE_THRESHOLD)}.",
         "- n: meshes scored; failed: meshes that failed (left out of the statistics); std: population std; "

@@ -263,10 +263,14 @@ def _summary_from_rows(rows: list[dict[str, str]]) -> str:
 
 
 def _markdown_tables(text: str) -> str:
-    """The pipe tables, headings and other lines of a Markdown file as HTML (text escaped, nothing else parsed)."""
-    parts, table = [], []
+    """The pipe tables, headings, "- " bullet lists and other lines of a Markdown file as HTML (text escaped,
+    nothing else parsed)."""
+    parts, table, bullets = [], [], []
 
     def flush() -> None:
+        if bullets:
+            parts.append("<ul>" + "".join(f"<li>{_esc(b)}</li>" for b in bullets) + "</ul>")
+            bullets.clear()
         if table:
             rows = [[_esc(c.strip()) for c in line.strip().strip("|").split("|")] for line in table]
             rows = [r for r in rows if not all(set(c) <= set(":- ") for c in r)]      # the |---| separator
@@ -278,6 +282,9 @@ def _markdown_tables(text: str) -> str:
     for line in text.splitlines():
         if line.lstrip().startswith("|"):
             table.append(line)
+            continue
+        if line.lstrip().startswith("- "):
+            bullets.append(line.lstrip()[2:].strip())
             continue
         flush()
         if line.startswith("#"):

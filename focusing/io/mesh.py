@@ -123,6 +123,8 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
 
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a mesh file")
     if not path.is_file():
         raise InputError(path, "no such file")
     if suffix not in LOAD_FORMATS:
@@ -131,6 +133,8 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
         raise InputError(path, "file is empty")
     try:
         loaded = trimesh.load(str(path), process=False)
+    except ImportError:  # trimesh reaches for an optional module (e.g. to guess a text encoding) on a broken file
+        raise InputError(path, f"unreadable {suffix[1:].upper()} file (not a valid {suffix[1:].upper()} file)") from None
     except Exception as exc:  # trimesh raises many exception types for corrupt files
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(path, f"unreadable {suffix[1:].upper()} file ({msg})") from None
