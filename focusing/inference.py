@@ -135,7 +135,8 @@ def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT
     parts = []
     for c in cells:
         lo = c[1:] * tile
-        in_halo = (h.coords[:, 0] == c[0]) & ((h.coords[:, 1:] >= lo - HALO) & (h.coords[:, 1:] < lo + tile + HALO)).all(1)
+        xyz = h.coords[:, 1:]
+        in_halo = (h.coords[:, 0] == c[0]) & ((xyz >= lo - HALO) & (xyz < lo + tile + HALO)).all(1)
         with _autocast(device):
             out = model.decode_head(h.select(in_halo))
         parent = torch.div(out.coords[:, 1:], LATENT_FACTOR, rounding_mode="floor")

@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "heads, and extracts the SparseFlex mesh, in the units of the mesh it was encoded from.",
     )
     p.add_argument("latent", help="latent file (.safetensors from `focusing encode`)")
-    p.add_argument("-o", "--output", required=True, help="output mesh file (.obj, .ply, .glb)")
+    p.add_argument("-o", "--output", required=True, type=vae_args.mesh_output,
+                   help="output mesh file (.obj, .ply, .glb)")
     vae_args.add_model_args(p)
     vae_args.add_decode_args(p)
     p.set_defaults(func=run)
@@ -25,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
     from focusing.inference import decode_latent, load_latent
     from focusing.io import save_mesh
 
-    vae_args.check_output_mesh(args.output)
     latent = load_latent(args.latent)
     model = vae_args.load_model(args)
     out = decode_latent(model, latent, tile=args.tile, normalized=args.normalized)

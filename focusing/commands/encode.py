@@ -15,19 +15,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "float32 [N, 8]) and the normalisation that maps the decoded mesh back to the input's units.",
     )
     p.add_argument("mesh", help="input mesh file (OBJ, PLY, STL, OFF, GLB, GLTF)")
-    p.add_argument("-o", "--output", required=True, help="output latent file (.safetensors)")
+    p.add_argument("-o", "--output", required=True, type=vae_args.latent_output,
+                   help="output latent file (.safetensors)")
     vae_args.add_model_args(p)
     vae_args.add_encode_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from focusing.errors import InputError
     from focusing.inference import encode_mesh, save_latent
     from focusing.io import load_mesh
 
-    if not args.output.endswith(".safetensors"):
-        raise InputError(args.output, "a latent is written as .safetensors")
     model = vae_args.load_model(args)
     mesh = load_mesh(args.mesh)
     resolution = vae_args.resolution(args, model, args.mesh)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the output is in the input's units. Without --checkpoint the shipped checkpoint is used.",
     )
     p.add_argument("mesh", help="input mesh file (OBJ, PLY, STL, OFF, GLB, GLTF)")
-    p.add_argument("-o", "--output", required=True, help="output mesh file (.obj, .ply, .glb)")
+    p.add_argument("-o", "--output", required=True, type=vae_args.mesh_output,
+                   help="output mesh file (.obj, .ply, .glb)")
     vae_args.add_model_args(p)
     vae_args.add_encode_args(p)
     vae_args.add_decode_args(p)
@@ -27,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from focusing.inference import decode_latent, encode_mesh
     from focusing.io import load_mesh, save_mesh
 
-    vae_args.check_output_mesh(args.output)
     model = vae_args.load_model(args)
     mesh = load_mesh(args.mesh)
     resolution = vae_args.resolution(args, model, args.mesh)

@@ -64,7 +64,8 @@ class VAEConfig:
         self.upsample_channels = tuple(self.upsample_channels)
         for name in ("encoder_channels", "decoder_channels"):
             if getattr(self, name) % self.head_channels:
-                raise ValueError(f"{name} {getattr(self, name)} is not a multiple of head_channels {self.head_channels}")
+                raise ValueError(f"{name} {getattr(self, name)} is not a multiple of head_channels "
+                                 f"{self.head_channels}")
         if len(self.upsample_channels) != 2:
             raise ValueError(f"upsample_channels needs 2 entries (R/2, R), got {self.upsample_channels}")
         if self.resolution % LATENT_FACTOR:

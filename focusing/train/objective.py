@@ -108,7 +108,8 @@ class VAEObjective:
         depth_map = None
         if v.selection == "carve" or v.zoom:  # the zoom is always chosen on the carved set (focusing.carving)
             with torch.no_grad():
-                depth_map = torch.cat([gt_depth_for_carving(vert, face, cams[b]) for b, (vert, face) in enumerate(meshes)])
+                depth_map = torch.cat([gt_depth_for_carving(vert, face, cams[b])
+                                       for b, (vert, face) in enumerate(meshes)])
         sel = select_voxels(
             z.coords, latent_res, cams, mode=v.selection, zoom=v.zoom, depth_map=depth_map,
             r=v.carve_r_voxels / R, n_range=v.zoom_voxels, s=v.zoom_s, generator=generator,
