@@ -146,3 +146,51 @@ class FakeBuilders:
         source = RegressionSource(resolution, rank, world_size, batch_size=cfg.train.batch_size)
         self.sources.append(source)
         return source
+
+
+def distributed_worker(rank, world_size, port, folder):
+    """One rank of the two-process gloo test: gradients of the local half batch averaged by `average_gradients`
+    (saved to folder/grads-RANK.safetensors), then a short `Trainer` run into folder/run."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from focusing.train.distributed import (
+        average_gradients, broadcast_module, setup_distributed, teardown_distributed,
+    )
+    from focusing.train.trainer import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = setup_distributed("cpu")
+    try:
+        torch.manual_seed(rank)  # other weights on rank 1: the broadcast must replace them
+        model = TinyRegressor()
+        broadcast_module(model, ctx)
+        x, y = distributed_batch()
+        torch.nn.functional.mse_loss(model(x[rank::world_size]), y[rank::world_size]).backward()
+        if rank == 0:  # `unused.weight` gets a gradient on rank 0 only, `unused.bias` on no rank
+            model.unused.weight.sum().backward()
+        average_gradients([p for p in model.parameters()], ctx)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        save_file(grads, os.path.join(folder, f"grads-{rank}.safetensors"))
+
+        torch.manual_seed(rank)
+        trainer = Trainer(TinyRegressor(), MSEObjective(noise=0.0), source_factory(4, augment=0.0),
+                          distributed_config(), os.path.join(folder, "run"), experiment_config={}, dist=ctx,
+                          progress=False)
+        trainer.run()
+    finally:
+        teardown_distributed()
+
+
+def distributed_batch():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 4, generator=gen)
+    return x, torch.sin(x @ TARGET)
+
+
+def distributed_config() -> TrainConfig:
+    # eps >> |g| makes Adam's update about lr * g / eps: a gradient summed instead of averaged would show
+    return train_config(steps=3, lr=0.5, eps=10.0, grad_clip=0.0, warmup_steps=0, min_lr=0.0)
