@@ -62,6 +62,12 @@ def test_errors_are_one_line_naming_file_and_key(data, message):
     assert str(info.value) == message
 
 
+def test_a_whole_file_names_its_top_level_keys_after_a_colon():
+    with pytest.raises(InputError) as info:
+        from_dict(Outer, {"inner": {"size": "big"}}, "dir/f.yaml")
+    assert str(info.value) == "dir/f.yaml:inner.size: expected an int, got 'big'"
+
+
 def test_overrides():
     data = {"train": {"lr": 1e-4, "stages": [{"resolution": 64, "steps": 10}]}}
     out = apply_overrides(data, ["train.lr=3e-4", "train.stages.0.steps=5", "data.augment.scale=[0.9, 1.1]",

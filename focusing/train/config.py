@@ -143,7 +143,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise InputError(where, f"expected a mapping, got {_describe(value)}")
         vt = args[1] if args else Any
-        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(vt, v, _join(where, k)) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -173,6 +173,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise InputError(where, f"expected {_name(tp)}, got {_describe(value)}")
+
+
+def _join(where: str, key: Any) -> str:
+    """`where` + key: "run.yaml" + "train" -> "run.yaml:train", "run.yaml:train" + "lr" -> "run.yaml:train.lr"."""
+    return f"{where}{'.' if ':' in os.path.basename(where) else ':'}{key}"
 
 
 def _number(value: Any) -> int | float | None:
@@ -214,7 +219,7 @@ def _build_dataclass(cls: type, value: Any, where: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in value:
-            kwargs[name] = _coerce(hints[name], value[name], f"{where}.{name}")
+            kwargs[name] = _coerce(hints[name], value[name], _join(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise InputError(where, f"missing key {name!r}")
     try:
