@@ -29,6 +29,7 @@ SHARD_BYTES = 16 * 2**20
 CHECKPOINT_JSON = "checkpoint.json"
 WEIGHTS_JSON = "config.json"
 _HEADER_BYTES_PER_TENSOR = 96  # safetensors header bytes per tensor beyond its name (dtype, shape, offsets)
+SPLIT_BYTES = 2**20  # a tensor is split across two files only when at least this much of it fits the first
 
 
 # ---- JSON trees with tensors ------------------------------------------------------------------------------------
@@ -82,34 +83,42 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def write_shards(folder: Path, tensors: dict[str, torch.Tensor], stem: str, shard_bytes: int) -> dict:
-    """Write `tensors` into `folder/{stem}-NNNNN.safetensors` files of at most `shard_bytes` each (first-fit by
-    decreasing size; `{stem}.safetensors` when one file holds them all). Returns the index for `read_shards`:
-    {"files": [...], "split": {name: shape}} where split tensors are stored as flat parts `name::i`."""
-    pieces: dict[str, torch.Tensor] = {}
+    """Write `tensors` into `folder/{stem}-NNNNN.safetensors` files of at most `shard_bytes` each
+    (`{stem}.safetensors` when one file holds them all). Files are filled in order of decreasing tensor size; a
+    tensor that does not fit into the rest of a file is split there (as flat parts `name::i`) when at least
+    `SPLIT_BYTES` of it fit, so the number of files stays close to total / shard_bytes. Returns the index for
+    `read_shards`: {"files": [...], "split": {name: shape}}."""
+    shards: list[list] = [[8, {}]]  # [bytes used, {name: tensor}]
     split: dict[str, list[int]] = {}
-    for name, t in tensors.items():
-        t = t.contiguous()
-        room = (shard_bytes - 8 - len(name) - 16 - _HEADER_BYTES_PER_TENSOR) // max(t.element_size(), 1)
-        if room < 1:
-            raise ValueError(f"shard size {shard_bytes} bytes is too small for tensor {name!r}")
-        if _nbytes(t) + len(name) + _HEADER_BYTES_PER_TENSOR + 8 <= shard_bytes:
-            pieces[name] = t
+    for name in sorted(tensors, key=lambda k: -_nbytes(tensors[k])):
+        t = tensors[name].contiguous()
+        flat, size = t.reshape(-1), max(t.element_size(), 1)
+        pieces, offset = [], 0
+        while True:
+            used, members = shards[-1]
+            room = (shard_bytes - used - len(name) - 16 - _HEADER_BYTES_PER_TENSOR) // size
+            left = flat.numel() - offset
+            take = left if left <= room else room if (room * size >= SPLIT_BYTES or not members) else 0
+            if take <= 0 and left > 0:
+                if not members:
+                    raise ValueError(f"shard size {shard_bytes} bytes is too small for tensor {name!r}")
+                shards.append([8, {}])
+                continue
+            pieces.append((len(shards) - 1, offset, take))
+            shards[-1][0] += take * size + len(name) + 16 + _HEADER_BYTES_PER_TENSOR
+            members[name] = None  # reserves the slot; filled below
+            offset += take
+            if offset >= flat.numel():
+                break
+            shards.append([8, {}])
+        if len(pieces) == 1:
+            shards[pieces[0][0]][1][name] = t
             continue
         split[name] = list(t.shape)
-        for i, part in enumerate(t.reshape(-1).split(room)):
-            pieces[f"{name}::{i}"] = part.clone()
-    shards: list[tuple[int, dict[str, torch.Tensor]]] = []  # (bytes used, tensors)
-    for name in sorted(pieces, key=lambda k: -_nbytes(pieces[k])):
-        cost = _nbytes(pieces[name]) + len(name) + _HEADER_BYTES_PER_TENSOR
-        for i, (used, members) in enumerate(shards):
-            if used + cost <= shard_bytes:
-                members[name] = pieces[name]
-                shards[i] = (used + cost, members)
-                break
-        else:
-            shards.append((8 + cost, {name: pieces[name]}))
-    if not shards:
-        shards.append((8, {}))
+        for i, (shard, start, n) in enumerate(pieces):
+            members = shards[shard][1]
+            del members[name]
+            members[f"{name}::{i}"] = flat[start: start + n].clone()
     files = [f"{stem}.safetensors"] if len(shards) == 1 else [f"{stem}-{i:05d}.safetensors"
                                                               for i in range(len(shards))]
     for file, (_, members) in zip(files, shards):

@@ -127,10 +127,10 @@ class Trainer:
                 if max_minutes is not None and any_rank(self._out_of_time(started, max_minutes), self.dist):
                     reason = "time"
                     break
-                new_stage = self._enter_stage()
+                t0 = time.perf_counter()
+                new_stage = self._enter_stage()  # building a stage's source counts as part of its first step
                 want_images = (self.dist.is_main and self.cfg.image_every > 0
                                and (self.step + 1) % self.cfg.image_every == 0)
-                t0 = time.perf_counter()
                 result = self._train_step(want_images)
                 seconds = time.perf_counter() - t0
                 self._time_step(seconds, new_stage)
