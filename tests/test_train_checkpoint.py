@@ -59,7 +59,7 @@ def test_sharded_save_load_without_pickle(tmp_path):
     total = save_checkpoint(tmp_path / "checkpoint", tensors, {"step": 3, "note": "x"}, shard_bytes=limit)
     files = sorted((tmp_path / "checkpoint").iterdir())
     shards = [f for f in files if f.suffix == ".safetensors"]
-    assert len(shards) >= 3  # 20 KB + 2.4 KB + ... do not fit in one 8 KB file
+    assert 3 <= len(shards) <= 4  # 23 KB in 8 KB files: the 20 KB tensor is split across file boundaries
     assert all(f.stat().st_size <= limit for f in shards)
     assert total == sum(f.stat().st_size for f in files)
     assert_no_pickle(tmp_path)
