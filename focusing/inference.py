@@ -55,35 +55,23 @@ class Latent:
 
 def default_checkpoint() -> Path:
     """The shipped checkpoint folder, or a clear error when this install has none."""
-    if not (SHIPPED / "config.yaml").is_file():
+    from focusing.train.checkpoint import WEIGHTS_JSON
+
+    if not (SHIPPED / WEIGHTS_JSON).is_file():
         raise FocusingError(f"no shipped checkpoint at {SHIPPED}; pass --checkpoint FOLDER")
     return SHIPPED
 
 
 def load_vae(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> FocusingVAE:
-    """A `FocusingVAE` in eval mode from a checkpoint folder (weights .safetensors + config; no pickle).
-
-    folder: a folder written by `focusing.train.checkpoint.export_weights` or a training run's checkpoint;
-    None: the shipped one. A folder whose weights do not fit its config fails with one line.
-    """
-    from focusing.train.checkpoint import load_weights
+    """A `FocusingVAE` in eval mode from a weights folder (`focusing.train.checkpoint.export_weights`) or a
+    training checkpoint; None: the shipped one. Weights that do not fit their config fail with one line."""
+    from focusing.train.checkpoint import load_state_dict_strict, load_weights
     from focusing.train.config import from_dict
 
     folder = Path(folder) if folder is not None else default_checkpoint()
     state, config = load_weights(folder)
-    model_cfg = from_dict(VAEConfig, config.get("model", config), where=f"{folder}: model")
-    model = FocusingVAE(model_cfg)
-    own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise InputError(folder, f"weights hold {key!r}, which the model of its config does not have")
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise InputError(folder, f"weight {key!r} has shape {tuple(value.shape)}, the config's model needs "
-                                     f"{tuple(own[key].shape)}")
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise InputError(folder, f"weights lack {missing[0]!r} (and {len(missing) - 1} more) for the config's model")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model = FocusingVAE(from_dict(VAEConfig, config, where=f"{folder}: model"))
+    load_state_dict_strict(model, state, folder)
     return model.to(device).eval()
 
 

@@ -1,0 +1,72 @@
+"""An experiment = one YAML file with five sections, each a typed dataclass (unknown keys are errors):
+
+    model: VAEConfig        (focusing.models.vae)       architecture
+    loss:  LossConfig       (focusing.losses)           weights of Eq. 7, TSDF warm-up length
+    views: ViewConfig       (focusing.train.objective)  cameras, carving, adaptive zoom
+    data:  DataConfig       (focusing.train.config)     training meshes, points, augmentation
+    train: TrainConfig      (focusing.train.config)     optimiser, schedule, stages, logging, checkpoints
+
+`focusing train --config configs/S.yaml` builds everything from here (`build_model`, `build_objective`,
+`build_source`); the named configs live in the repository's `configs/` folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from focusing.errors import InputError
+from focusing.losses import LossConfig
+from focusing.models.vae import FocusingVAE, VAEConfig
+from focusing.train.config import DataConfig, TrainConfig, apply_overrides, from_dict
+from focusing.train.objective import ViewConfig, VAEObjective
+
+
+@dataclass
+class ExperimentConfig:
+    model: VAEConfig = field(default_factory=VAEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """The experiment of a YAML file, with `a.b=value` overrides applied (one-line errors name file and key)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "a config is a mapping of sections (model, loss, views, data, train)")
+    data = apply_overrides(data, list(overrides), where=str(path))
+    return from_dict(ExperimentConfig, data, where=str(path))
+
+
+def build_model(cfg: ExperimentConfig) -> FocusingVAE:
+    return FocusingVAE(cfg.model)
+
+
+def build_objective(cfg: ExperimentConfig) -> VAEObjective:
+    return VAEObjective(cfg.loss, cfg.views)
+
+
+def build_source(cfg: ExperimentConfig, resolution: int, rank: int, world_size: int, device: torch.device):
+    """The training batches at `resolution` for this rank (`focusing.data.online.make_source`); the corner TSDF
+    is built with each sample while the warm-up lasts."""
+    from focusing.data.online import make_source
+
+    d = cfg.data
+    return make_source(
+        d.source, resolution=resolution, points=d.points, batch_size=cfg.train.batch_size, rank=rank,
+        world_size=world_size, seed=cfg.train.seed, device=device, augment=d.augment, reuse=d.reuse,
+        exclude=d.exclude,
+    )
