@@ -247,23 +247,19 @@ def test_zoom_window_contains_the_chosen_voxels(fandisk64):
 def test_adaptive_zoom_bounds_and_determinism(fandisk64):
     coords, res, cams, depth = fandisk64
     n_range = (300, 600)
-    counts = []
     for i in range(len(cams)):
         keep = carving.carve(coords, res, cams[i], depth[i : i + 1], 0.5 / res)
-        cam, crop = carving.adaptive_zoom(coords, res, cams[i], keep, n_range, generator=torch.Generator().manual_seed(7))
-        again, crop2 = carving.adaptive_zoom(coords, res, cams[i], keep, n_range,
-                                             generator=torch.Generator().manual_seed(7))
+        (cam, crop), (again, crop2), (_, crop3) = [
+            carving.adaptive_zoom(coords, res, cams[i], keep, n_range, generator=torch.Generator().manual_seed(seed))
+            for seed in (7, 7, 8)]
         assert torch.equal(cam.proj, again.proj) and torch.equal(crop, crop2)
-        other, crop3 = carving.adaptive_zoom(coords, res, cams[i], keep, n_range,
-                                             generator=torch.Generator().manual_seed(8))
         assert not torch.equal(crop, crop3)
         assert torch.equal(cam.view, cams[i].view) and not torch.equal(cam.proj, cams[i].proj)
+        # the crop set: every kept voxel seen through the zoomed camera, dilated within the latent voxels
         seen = keep & carving.visible_in_image(coords, res, cam)
-        assert torch.equal(crop & keep & carving.visible_in_image(coords, res, cam), seen)  # nothing seen is missing
         assert torch.equal(crop, carving.dilate_within(coords, res, seen))
-        counts.append(int(crop.sum()))
         # KNN set + square box + pad, then one dilation shell: between n_min and ~2x n_max at this size
-        assert n_range[0] <= counts[-1] <= 2.5 * n_range[1] < keep.sum()
+        assert n_range[0] <= int(crop.sum()) <= 2.5 * n_range[1] < keep.sum()
     # an item with <= n_min kept voxels is not zoomed
     few = torch.zeros(len(coords), dtype=torch.bool)
     few[:300] = True
@@ -300,7 +296,8 @@ def test_batch_items_are_independent(fandisk64):
     assert torch.equal(sel.keep[first], first_alone.keep) and torch.equal(sel.camera.proj[:1], first_alone.camera.proj)
     # item 1's zoom depends on its own voxels and camera only: changing item 0 leaves it unchanged
     swapped = zoom(two, cat_cameras(cams[2], cams[1]), torch.cat([depth[2:3], depth[1:2]]))
-    assert torch.equal(sel.keep[second], swapped.keep[second]) and torch.equal(sel.camera.proj[1], swapped.camera.proj[1])
+    assert torch.equal(sel.keep[second], swapped.keep[second])
+    assert torch.equal(sel.camera.proj[1], swapped.camera.proj[1])
     assert not torch.equal(sel.keep[first], swapped.keep[first])
     assert sel.stats["zoomed_items"] == 2 and sel.stats["n_zoom"] == int(sel.keep.sum())
 
