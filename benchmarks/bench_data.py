@@ -83,28 +83,31 @@ def stage_table(args, corpus, device) -> list[dict]:
 
 
 def fake_step(device: torch.device, n_matmuls: int) -> None:
-    """A stand-in training step: bf16 matmuls on the current stream."""
-    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    """A stand-in training step: bf16 matmuls on the current stream (4096^2 on CUDA, 256^2 on the CPU)."""
+    size = 4096 if device.type == "cuda" else 256
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     for _ in range(n_matmuls):
         a = torch.tanh(a @ a)
 
 
 def overlap(args, device) -> list[dict]:
     """Step time of the stand-in step alone, after a synchronous build, and with the background builder."""
-    from focusing.data.online import make_source
+    from focusing.data.online import AugmentConfig, make_source
 
-    t = time.perf_counter()
-    fake_step(device, 50)
+    fake_step(device, 5)
     _sync(device)
-    n_matmuls = max(1, round(50 * args.step_ms / 1000 / (time.perf_counter() - t)))
+    t = time.perf_counter()
+    fake_step(device, 20)
+    _sync(device)
+    n_matmuls = max(1, round(20 * args.step_ms / 1000 / (time.perf_counter() - t)))
     rows = []
     for resolution in args.resolutions:
         for points in args.points:
-            row = {"resolution": resolution, "points": points, "batch_size": args.batch_size}
+            row = {"resolution": resolution, "points": points, "batch_size": args.batch_size, "reuse": args.reuse}
             for mode, prefetch in (("alone", None), ("sync", 0), ("prefetch", 2)):
                 source = None if mode == "alone" else make_source(
                     args.corpus, resolution=resolution, points=points, batch_size=args.batch_size, seed=0,
-                    device=device, prefetch=prefetch)
+                    device=device, augment=AugmentConfig(), reuse=args.reuse, prefetch=prefetch)
                 times = []
                 for step in range(args.steps + 2):
                     _sync(device)
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, nargs="+", default=[200_000, 819_200])
     parser.add_argument("--samples", type=int, default=32, help="meshes timed per setting")
     parser.add_argument("--batch-size", type=int, default=4, help="meshes per batch in the overlap test")
+    parser.add_argument("--reuse", type=int, default=1, help="uses of each built batch in the overlap test")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per overlap mode")
     parser.add_argument("--step-ms", type=float, default=500.0, help="duration of the stand-in training step")
     parser.add_argument("--no-overlap", action="store_true")
@@ -145,7 +149,7 @@ def main() -> None:
     device = torch.device(args.device)
     corpus = PackedCorpus(args.corpus)
     rows = stage_table(args, corpus, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\n{name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, corpus {len(corpus)} meshes")
     print("| R | P | meshes | median faces | mean voxels (R) | decode ms | augment ms | sample ms | pyramid ms "
           "| total ms | max ms |")
@@ -156,7 +160,7 @@ def main() -> None:
     result = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "stages": rows}
     if not args.no_overlap:
         result["overlap"] = overlap(args, device)
-        print(f"\nstand-in step {args.step_ms:.0f} ms, batch of {args.batch_size}: step time in ms")
+        print(f"\nstand-in step {args.step_ms:.0f} ms, batch of {args.batch_size}, reuse {args.reuse}: step time in ms")
         print("| R | P | step alone | + sync build | + prefetch build |")
         print("|---:|---:|---:|---:|---:|")
         for r in result["overlap"]:
