@@ -18,7 +18,8 @@ from focusing.data.corpus import (
     pack_corpus,
     quantize,
 )
-from focusing.data.holdout import HeldOut, file_sha256
+from focusing.data.holdout import HeldOut
+from focusing.data.prepare import file_sha256
 from focusing.errors import InputError
 from focusing.io import load_mesh, normalize, save_mesh
 

@@ -110,7 +110,7 @@ def test_augmentation_stays_in_the_cube_and_points_on_the_augmented_mesh(data_di
     assert sample["vertices"].abs().max() <= 0.5 + 1e-6
 
 
-def _keys(coords: torch.Tensor, extent: int) -> set[tuple]:
+def _keys(coords: torch.Tensor) -> set[tuple]:
     return {tuple(c) for c in coords.tolist()}
 
 
@@ -127,9 +127,9 @@ def test_batch_contract_pyramid_and_points_in_latent_voxels(corpus):
         assert level[:, 1:].min() >= 0 and level[:, 1:].max() < r
     for fine, coarse in zip(levels[1:], levels[:-1]):  # every voxel's parent is active, every parent has a child
         parents = torch.cat([fine[:, :1], fine[:, 1:] // 2], 1)
-        assert _keys(parents, 0) == _keys(coarse, 0)
+        assert _keys(parents) == _keys(coarse)
     cells = ((batch["points"].double() + 0.5) * 8).floor().clamp(0, 7).int()
-    assert _keys(torch.cat([batch["point_batch"][:, None].int(), cells], 1), 0) <= _keys(levels[0], 0)
+    assert _keys(torch.cat([batch["point_batch"][:, None].int(), cells], 1)) <= _keys(levels[0])
     for b in range(3):  # GT meshes share the points' frame
         assert len(batch["vertices"][b]) and batch["faces"][b].dtype == torch.int64
         pts = batch["points"][batch["point_batch"] == b][:100]
@@ -246,3 +246,15 @@ def test_bad_settings_fail_with_one_line(corpus, tmp_path):
     with pytest.raises(FocusingError):
         make_source(tmp_path / "missing", resolution=R, points=8, batch_size=1)
     assert isinstance(_source(corpus).collection, PackedMeshes) and isinstance(_source(corpus), OnlineSource)
+
+
+@pytest.mark.gpu
+def test_cuda_prefetch_on_its_own_stream_matches_building_in_place(corpus):
+    options = dict(resolution=64, points=20_000, batch_size=2, augment=AugmentConfig(), device="cuda")
+    inline = make_source(corpus, prefetch=0, **options)
+    ahead = make_source(corpus, prefetch=2, **options)
+    for _ in range(4):
+        expected, got = inline.next_batch(), ahead.next_batch()
+        torch.cuda.current_stream().synchronize()
+        assert got["points"].is_cuda and _same(got, expected)
+    ahead.close()

@@ -139,8 +139,8 @@ def pack_corpus(
     """
     from safetensors.numpy import save_file
 
-    from focusing.data.holdout import HeldOut, file_sha256
-    from focusing.data.prepare import find_items
+    from focusing.data.holdout import HeldOut
+    from focusing.data.prepare import file_sha256, find_items
 
     start = time.perf_counter()
     held = HeldOut.from_paths(exclude)

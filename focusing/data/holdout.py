@@ -19,33 +19,23 @@ A training mesh is held out when any of these match (`HeldOut.reason`):
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from focusing.data.prepare import file_sha256
 from focusing.errors import InputError
-from focusing.io.mesh import LOAD_FORMATS, Mesh
+from focusing.io.mesh import LOAD_FORMATS, Mesh, load_mesh, normalize
 
 MANIFEST = "MANIFEST.tsv"
 GEOMETRY_TOLERANCE = 1e-4
 """Largest difference of sorted normalised coordinates for two meshes to count as the same geometry."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def geometry_signature(mesh: Mesh) -> tuple[tuple[int, int], np.ndarray]:
     """((V, F), [V, 3] float32: each axis of the normalised vertices sorted): an order-free fingerprint."""
-    from focusing.io.mesh import normalize
-
     normalised, _ = normalize(mesh)
     return (len(mesh.vertices), len(mesh.faces)), np.sort(normalised.vertices, axis=0).astype(np.float32)
 
@@ -97,8 +87,6 @@ class HeldOut:
         return None
 
     def _add_file(self, path: Path) -> None:
-        from focusing.io.mesh import load_mesh
-
         self.stems.add(path.stem.lower())
         self.digests.add(file_sha256(path))
         try:

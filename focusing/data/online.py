@@ -44,12 +44,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from focusing.data.dataset import LEVEL_KEYS
 from focusing.data.voxelize import voxel_pyramid, with_batch
 from focusing.errors import FocusingError, InputError, failure_message
 from focusing.io.mesh import Mesh, normalize
 
 STATE_VERSION = 1
-LEVEL_KEYS = ("voxels_latent", "voxels_mid", "voxels")
 
 
 def sample_surface_torch(
@@ -214,8 +214,7 @@ class MeshFolder:
     normalised on demand."""
 
     def __init__(self, inputs):
-        from focusing.data.holdout import file_sha256
-        from focusing.data.prepare import find_items
+        from focusing.data.prepare import file_sha256, find_items
 
         items = find_items(list(inputs))
         self.paths = [i.path for i in items]
