@@ -86,8 +86,8 @@ def test_stage_sources_are_rebuilt_and_closed(tmp_path):
     built = []
     factory = source_factory(cfg.batch_size)
 
-    def recording(resolution, rank, world_size):
-        built.append(factory(resolution, rank, world_size))
+    def recording(resolution, rank, world_size, start_step):
+        built.append(factory(resolution, rank, world_size, start_step))
         return built[-1]
 
     trainer = Trainer(TinyRegressor(), MSEObjective(), recording, cfg, tmp_path, experiment_config={},

@@ -105,8 +105,8 @@ class RegressionSource:
 
 
 def source_factory(batch_size, **kw):
-    return lambda resolution, rank, world_size: RegressionSource(resolution, rank, world_size,
-                                                                 batch_size=batch_size, **kw)
+    return lambda resolution, rank, world_size, start_step: RegressionSource(resolution, rank, world_size,
+                                                                             batch_size=batch_size, **kw)
 
 
 def train_config(**overrides) -> TrainConfig:
@@ -142,7 +142,7 @@ class FakeBuilders:
     def build_objective(cfg):
         return MSEObjective()
 
-    def build_source(self, cfg, resolution, rank, world_size, device):
+    def build_source(self, cfg, resolution, rank, world_size, device, start_step):
         source = RegressionSource(resolution, rank, world_size, batch_size=cfg.train.batch_size)
         self.sources.append(source)
         return source

@@ -79,7 +79,7 @@ def check_run_folder(out: Path, resume: bool, init_from: str | None) -> int | No
 
 def run(args: argparse.Namespace, builders: ModuleType | object | None = None) -> int:
     """Run `focusing train`. `builders` provides load_experiment(path, overrides), build_model(cfg),
-    build_objective(cfg) and build_source(cfg, resolution, rank, world_size, device); by default
+    build_objective(cfg) and build_source(cfg, resolution, rank, world_size, device, start_step); by default
     `focusing.train.experiment`."""
     started = time.monotonic()
     import torch
@@ -105,8 +105,8 @@ def run(args: argparse.Namespace, builders: ModuleType | object | None = None) -
             state, _ = load_weights(args.init_from)
             load_state_dict_strict(model, state, args.init_from)
 
-        def source_factory(resolution: int, rank: int, world_size: int):
-            return builders.build_source(experiment, resolution, rank, world_size, ctx.device)
+        def source_factory(resolution: int, rank: int, world_size: int, start_step: int):
+            return builders.build_source(experiment, resolution, rank, world_size, ctx.device, start_step)
 
         trainer = Trainer(model, builders.build_objective(experiment), source_factory, experiment.train, out,
                           experiment_config=to_dict(experiment), dist=ctx, progress=not args.quiet)

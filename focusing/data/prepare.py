@@ -138,7 +138,8 @@ def assign(items: list[Item], rank: int, world_size: int) -> list[Item]:
     return [i for i in items if int(i.digest[:8], 16) % world_size == rank]
 
 
-def _sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -176,7 +177,7 @@ def prepare_mesh(path: str | os.PathLike, settings: PrepareSettings, timer: _Ste
     device = torch.device(settings.device)
     timer = timer or _StepTimer(device)
     r = settings.resolution
-    sha256 = _sha256(path)
+    sha256 = file_sha256(path)
     mesh, norm = normalize(load_mesh(path), path)
     timer.mark("load")
     samples = sample_surface(mesh, settings.points, seed=settings.seed)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from focusing.data.online import AugmentConfig
 from focusing.errors import InputError
 
 
@@ -308,21 +309,13 @@ class TrainConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Random augmentation of each mesh before sampling (the data source's `AugmentConfig`)."""
-
-    rotation: str = "none"  # random rotation of each mesh: see focusing.data.online for the choices
-    scale: tuple[float, float] = (1.0, 1.0)  # uniform scale factor range, applied after normalisation
-
-
-@dataclass
 class DataConfig:
     """Where training meshes come from and how each is turned into a training sample."""
 
     source: str = ""  # source spec for focusing.data.online.make_source (folder, packed corpus or prepare cache)
     points: int = 200_000  # oriented surface points sampled per mesh
     reuse: int = 1  # steps a loaded mesh is used (with fresh samples / cameras) before the next one is loaded
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # augmentation options
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # focusing.data.online; null: none
     exclude: list[str] = field(default_factory=list)  # meshes or manifests never trained on (e.g. validation)
 
     def __post_init__(self):

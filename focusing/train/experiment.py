@@ -59,14 +59,18 @@ def build_objective(cfg: ExperimentConfig) -> VAEObjective:
     return VAEObjective(cfg.loss, cfg.views)
 
 
-def build_source(cfg: ExperimentConfig, resolution: int, rank: int, world_size: int, device: torch.device):
-    """The training batches at `resolution` for this rank (`focusing.data.online.make_source`); the corner TSDF
-    is built with each sample while the warm-up lasts."""
+def build_source(cfg: ExperimentConfig, resolution: int, rank: int, world_size: int, device: torch.device,
+                 start_step: int = 0):
+    """The training batches at `resolution` for this rank (`focusing.data.online.make_source`) of the stage
+    starting at `start_step`; a stage that starts inside the TSDF warm-up builds the corner TSDF with each
+    sample (make the warm-up its own stage, as configs/S.yaml does, so the rest of training skips that cost)."""
     from focusing.data.online import make_source
 
     d = cfg.data
+    warm_up = bool(cfg.loss.tsdf) and start_step < cfg.loss.tsdf_steps
     return make_source(
         d.source, resolution=resolution, points=d.points, batch_size=cfg.train.batch_size, rank=rank,
         world_size=world_size, seed=cfg.train.seed, device=device, augment=d.augment, reuse=d.reuse,
         exclude=d.exclude,
+        tsdf_truncation=cfg.loss.tsdf_truncation_voxels if warm_up else None,
     )

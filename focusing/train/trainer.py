@@ -59,8 +59,9 @@ class RunResult:
 
 
 class Trainer:
-    """Trains `model` on `objective` with batches from `source_factory(resolution, rank, world_size)` (called
-    when a stage starts; the source has next_batch / state_dict / load_state_dict / close)."""
+    """Trains `model` on `objective` with batches from `source_factory(resolution, rank, world_size, start_step)`
+    (called when a stage starts, with the stage's first step; the source has next_batch / state_dict /
+    load_state_dict / close)."""
 
     def __init__(self, model: torch.nn.Module, objective: Callable, source_factory: Callable, cfg: TrainConfig,
                  out_dir, *, experiment_config: dict, dist: Distributed | None = None, progress: bool = True):
@@ -185,8 +186,8 @@ class Trainer:
             return False
         if self.source is not None:
             self.source.close()
-        resolution = self.cfg.stage_plan()[stage][1]
-        self.source = self.source_factory(resolution, self.dist.rank, self.dist.world_size)
+        start, resolution = self.cfg.stage_plan()[stage]
+        self.source = self.source_factory(resolution, self.dist.rank, self.dist.world_size, start)
         if self._source_state is not None and self._source_state[0] == stage:
             self.source.load_state_dict(self._source_state[1])
         self._source_state = None
