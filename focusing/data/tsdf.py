@@ -43,6 +43,9 @@ DEFAULT_TRUNCATION_VOXELS = 3.0
 SIGN_VOXELS = 3.5
 """Corners up to this far (voxels) get the mirror test: beyond the diagonal of a dilated surface voxel's
 neighbour (2 sqrt 3), so every corner of `fit`'s dilated voxels does."""
+SIGN_BETA = 1.0
+"""Barnes-Hut opening ratio of the winding numbers here: errors of a few 0.01 (vs the jump of 1 it looks for)
+at about 2/3 of the cost of the default beta = 2."""
 SHELL_VOXELS = 0.9
 """Shell offset (voxels): above sqrt(3) / 2, so the corner of a voxel nearest to a surface through it is inside."""
 
@@ -76,7 +79,7 @@ def corner_tsdf(
     d, p = grid.closest(g, search)
     near = ~torch.isnan(p[:, 0])
     q = torch.cat([g, 2 * p[near] - g[near]]) / resolution - 0.5
-    w = winding_number(mesh, q, method=winding_method, device=device)
+    w = winding_number(mesh, q, method=winding_method, beta=SIGN_BETA, device=device)
     w_q, jump = w[: len(g)], torch.zeros_like(d)
     jump[near] = w_q[near] - w[len(g) :]
     inside = torch.where(jump.abs() > 0.5, jump > 0, w_q > 0.5)
