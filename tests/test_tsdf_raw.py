@@ -103,7 +103,7 @@ def _sheet_height(mesh: Mesh, xy: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: hc.thin_plate(0.1 / R, 0.4 / R), lambda: hc.thin_rods(0.1 / R, z=0.4 / R)], ids=["plate", "rod"]
+    "make", [lambda: hc.thin_plate(0.1 / R), lambda: hc.thin_rods(0.1 / R)], ids=["plate", "rod"]
 )
 def test_parts_thinner_than_a_voxel_become_a_thin_shell(make):
     mesh = make()
@@ -112,7 +112,8 @@ def test_parts_thinner_than_a_voxel_become_a_thin_shell(make):
     s = corner_tsdf(mesh, corners, R)
     assert _crossed_voxels(mesh, R, plain) < 0.5  # no corner lies inside a part a tenth of a voxel thick
     assert _crossed_voxels(mesh, R, s) > 0.9
-    assert (s[s < 0] >= -np.sqrt(3) / 2 / R - 1e-6).all()  # a shell, not a solid
+    away = (corners[:, :2].double() / R - 0.5).abs().amax(1) > 0.1  # from the (thick) knob
+    assert (s[away & (s < 0)] >= -0.1 / R - 1e-6).all()  # a shell hugging the part, not a solid
 
 
 def test_thin_shell_leaves_thick_shapes_alone():

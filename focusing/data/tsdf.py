@@ -21,13 +21,13 @@ wound, and every sheet of the mesh gets a zero crossing:
 4. Thin shell: parts thinner than a voxel contain no corner, so no corner is inside them. In each surface voxel
    (of the exact voxelisation) whose 8 corners are given and neither inside nor next to an inside corner (26
    neighbours: a surface merely grazing a voxel has its inside next door), the corner nearest to the surface
-   gets d - SHELL_VOXELS < 0: a zero crossing in every such voxel, a closed shell around the thin part that the
-   render loss can then thin out.
+   gets -SHELL_VOXELS: a zero crossing in every such voxel, a closed shell hugging the thin part that the render
+   loss can then move onto it.
 
 Known limits: an open sheet's surface continues past its boundary (the sign of points beyond the rim follows the
 mirror through the rim), up to the extent of the corners given; on a non-orientable component the orientation
 is consistent only across a spanning tree; thin gaps (two surfaces closer than a voxel with nothing between)
-stay closed; within a shell the zero level lies up to SHELL_VOXELS off the true surface. Values are in
+stay closed; a shell's sheets lie up to about the nearest corner's distance (<= sqrt(3)/2 voxel) off the part. Values are in
 normalised units (the [-0.5, 0.5]^3 frame).
 """
 
@@ -46,8 +46,10 @@ neighbour (2 sqrt 3), so every corner of `fit`'s dilated voxels does."""
 SIGN_BETA = 1.0
 """Barnes-Hut opening ratio of the winding numbers here: errors of a few 0.01 (vs the jump of 1 it looks for)
 at about 2/3 of the cost of the default beta = 2."""
-SHELL_VOXELS = 0.9
-"""Shell offset (voxels): above sqrt(3) / 2, so the corner of a voxel nearest to a surface through it is inside."""
+SHELL_VOXELS = 0.1
+"""TSDF (voxels) given to the corner nearest to a thin part: small, so the shell's two sheets (crossings on the
+edges from that corner) lie within a fraction of a voxel of the corner, i.e. within about half a voxel of the
+part."""
 
 __all__ = ["DEFAULT_TRUNCATION_VOXELS", "corner_tsdf", "winding_number"]
 
@@ -124,5 +126,5 @@ def _thin_shell(
     at = at[~inside_near[at].any(1)]
     nearest = at.gather(1, d[at].argmin(1, keepdim=True)).squeeze(1)  # its corner nearest to the surface
     s = s.clone()
-    s[nearest] = d[nearest] - SHELL_VOXELS
+    s[nearest] = -SHELL_VOXELS
     return s

@@ -58,16 +58,24 @@ def _concat(parts: list[Mesh]) -> Mesh:
     )
 
 
-def thin_plate(thickness: float, z: float = 0.0031) -> Mesh:
-    """A closed square plate [-0.5, 0.5]^2 x [z - t/2, z + t/2], e.g. thinner than a voxel (z off grid planes)."""
-    return box((-0.5, -0.5, z - thickness / 2), (0.5, 0.5, z + thickness / 2))
+def _knob() -> Mesh:
+    """A small cube above the thin parts: it moves their bounding box's centre, so that after normalising they
+    lie off the grid planes of every R = 2^k (and of R = 24) instead of on the plane z = 0."""
+    return box((-0.025, -0.025, 0.05), (0.025, 0.025, 0.1))
 
 
-def thin_rods(thickness: float, count: int = 3, z: float = 0.0031) -> Mesh:
-    """`count` closed square rods of side `thickness` along x at height z, spread over y (spider legs, wires)."""
-    ys = np.linspace(-0.3, 0.3, count) + 0.0017
+def thin_plate(thickness: float) -> Mesh:
+    """A closed square plate [-0.5, 0.5]^2 x [-t/2, t/2], e.g. thinner than a voxel, with a knob (normalised)."""
+    return normalize(_concat([box((-0.5, -0.5, -thickness / 2), (0.5, 0.5, thickness / 2)), _knob()]))[0]
+
+
+def thin_rods(thickness: float, count: int = 3) -> Mesh:
+    """`count` closed square rods of side `thickness` along x, spread over y (spider legs, wires), with a knob
+    (normalised)."""
+    ys = np.linspace(-0.3, 0.3, count)
+    ys[1:-1] += 0.013  # off the centre plane
     h = thickness / 2
-    return _concat([box((-0.5, y - h, z - h), (0.5, y + h, z + h)) for y in ys])
+    return normalize(_concat([box((-0.5, y - h, -h), (0.5, y + h, h)) for y in ys] + [_knob()]))[0]
 
 
 def assembly(parts: int = 50, seed: int = 0) -> Mesh:
