@@ -31,11 +31,11 @@ from focusing.eval import hard_cases  # noqa: E402
 from focusing.sparseflex.fit import dilate  # noqa: E402
 
 GPU_COMMAND = """\
-python benchmarks/bench_hard_cases.py --write $OUT/hard && \\
-for m in gt-resample sdf-mc poisson; do focusing benchmark --method $m --data $OUT/hard -r 256 \\
+python benchmarks/bench_hard_cases.py --write /tmp/hard && \\
+for m in gt-resample sdf-mc poisson; do python -m focusing benchmark --method $m --data /tmp/hard -r 256 \\
   --out $OUT/$m-hard --workers 8 --quiet --no-report; done; \\
-timeout 440 focusing benchmark --method fit --data $OUT/hard MESHES -r 256 --out $OUT/fit --workers 4 --quiet \\
-  --no-report; focusing benchmark --method fit --data $OUT/hard MESHES -r 256 --out $OUT/fit --table-only"""
+timeout 440 python -m focusing benchmark --method fit --data /tmp/hard ${MESHES:-shared/data/meshes} -r 256 --out $OUT/fit --workers 4 --quiet \\
+  --no-report; python -m focusing benchmark --method fit --data /tmp/hard ${MESHES:-shared/data/meshes} -r 256 --out $OUT/fit --table-only"""
 
 
 def crossed_share(coords: torch.Tensor, corners: torch.Tensor, s: torch.Tensor) -> float:
