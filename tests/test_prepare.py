@@ -224,3 +224,35 @@ def test_prepare_on_cuda_matches_cpu(inputs):
             assert torch.allclose(gpu[key].float(), cpu[key].float(), atol=1e-3)
         else:
             assert torch.equal(gpu[key], cpu[key]), key
+
+
+def test_items_that_teach_nothing_are_warned_about(tmp_path, capsys, monkeypatch):
+    from focusing.data.prepare import PrepareSettings, prepare_dataset, read_index
+    from focusing.eval import hard_cases as hc
+    from focusing.io import save_mesh
+
+    src = tmp_path / "in"
+    src.mkdir()
+    save_mesh(hc.sphere(0.4, 2), src / "sphere.ply")
+    save_mesh(hc.flat_sheet(9), src / "sheet.ply")  # gets a surface now: no warning
+    settings = PrepareSettings(resolution=16, points=20_000)
+    report = prepare_dataset([src], tmp_path / "cache", settings, progress=False)
+    entries = {e["key"].split("/")[-1]: e for e in read_index(tmp_path / "cache")}
+    assert report.warned == 0 and all(e["warnings"] == [] for e in entries.values())
+    checks = entries["sphere.ply"]["checks"]
+    assert checks["tsdf_negative"] > 0 and checks["tsdf_positive"] > 0
+    assert checks["points_outside_16"] == 0 and checks["points_outside_4"] == 0
+    assert checks["empty_voxels_16"] < 0.2 * entries["sphere.ply"]["counts"]["voxels_16"]
+    # A TSDF with no sign change and points outside the voxels are flagged.
+    from focusing.data import prepare as prep
+
+    fake = prep.item_checks(np.zeros((5, 3), np.float32), {4: torch.tensor([[3, 3, 3]], dtype=torch.int32)},
+                            torch.ones(8))
+    assert fake["points_outside_4"] == 5 and fake["empty_voxels_4"] == 1
+    assert [w.split(" ")[1] for w in prep.item_warnings(fake, 5)] == ["TSDF", "sample"]
+    # Warnings go to the log and the index; the item is still cached.
+    monkeypatch.setattr(prep, "item_warnings", lambda checks, points: ["the TSDF has no sign change"])
+    report = prepare_dataset([src], tmp_path / "cache2", settings, progress=False)
+    assert report.warned == 2 and report.prepared == 2
+    assert capsys.readouterr().err.count("warning: ") == 2
+    assert all(e["warnings"] and e["status"] == "ok" for e in read_index(tmp_path / "cache2"))

@@ -8,8 +8,9 @@ q goes to the next m, up to ceil(max_distance), where whatever is left is at lea
 corner needs only its 8 surrounding voxels while its distance is below one voxel, which is the usual case for
 the corners of active voxels (`corner_tsdf`); corners up to sqrt(3) voxels away take a second pass.
 
-Point-triangle distances are evaluated exactly (float64): the plane distance when the point projects inside
-the triangle, else the nearest of the three edges (segments), which also covers degenerate slivers.
+Point-triangle distances are evaluated exactly (float64) through the nearest point: the projection onto the
+plane when the point projects inside the triangle, else the nearest point of the three edges (segments), which
+also covers degenerate slivers. `closest` also returns that point (the TSDF's sign needs it).
 """
 
 from __future__ import annotations
@@ -26,26 +27,33 @@ from focusing.io.mesh import Mesh
 FRAME_TOLERANCE = 1e-9
 
 
-def _segment_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[...] distance from points p to segments ab (all [..., 3])."""
-    ab, ap = b - a, p - a
-    t = (dot(ap, ab) / dot(ab, ab).clamp_min(1e-300)).clamp(0.0, 1.0)
-    return norm(ap - t[..., None] * ab)
+def _segment_closest(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[..., 3] nearest points to p on segments ab (all [..., 3])."""
+    ab = b - a
+    t = (dot(p - a, ab) / dot(ab, ab).clamp_min(1e-300)).clamp(0.0, 1.0)
+    return a + t[..., None] * ab
 
 
-def point_triangle_distance(p: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
-    """Exact Euclidean distance [...] from points p [..., 3] to closed triangles tri [..., 3, 3]."""
+def closest_point_on_triangle(p: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """Exact nearest points [..., 3] to p [..., 3] on closed triangles tri [..., 3, 3]: the projection onto the
+    plane when it falls inside the triangle, else the nearest of the three edges (also for degenerate slivers)."""
     a, b, c = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
     n = cross(b - a, c - a)
     nn = dot(n, n)
     inside = nn > 0
     for u, v in ((a, b), (b, c), (c, a)):  # p projects inside iff it is left of every edge (seen along n)
         inside = inside & (dot(n, cross(v - u, p - u)) >= 0)
-    plane = dot(p - a, n).abs() / nn.clamp_min(1e-300).sqrt()
-    edges = torch.minimum(
-        torch.minimum(_segment_distance(p, a, b), _segment_distance(p, b, c)), _segment_distance(p, c, a)
-    )
-    return torch.where(inside, torch.minimum(plane, edges), edges)
+    best = _segment_closest(p, a, b)
+    for u, v in ((b, c), (c, a)):
+        q = _segment_closest(p, u, v)
+        best = torch.where((norm(p - q) < norm(p - best))[..., None], q, best)
+    plane = p - (dot(p - a, n) / nn.clamp_min(1e-300))[..., None] * n
+    return torch.where(inside[..., None], plane, best)
+
+
+def point_triangle_distance(p: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """Exact Euclidean distance [...] from points p [..., 3] to closed triangles tri [..., 3, 3]."""
+    return norm(p - closest_point_on_triangle(p, tri))
 
 
 def _ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,11 +85,19 @@ class TriangleGrid:
 
         budget: (point, cell) and (point, triangle) pairs handled at once.
         """
+        return self.closest(g, max_distance, budget=budget)[0]
+
+    def closest(
+        self, g: torch.Tensor, max_distance: float, *, budget: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`distance` and the nearest surface points [N, 3] float64 (grid units; NaN where the distance is
+        max_distance or more, i.e. clamped)."""
         if not math.isfinite(max_distance) or max_distance <= 0:
             raise ValueError(f"max_distance must be positive and finite, got {max_distance}")
         g = g.to(self.device, torch.float64).reshape(-1, 3)
         budget = budget or (1 << 22 if self.device.type == "cuda" else 1 << 20)
         out = torch.full((len(g),), float(max_distance), dtype=torch.float64, device=self.device)
+        nearest = torch.full((len(g), 3), math.nan, dtype=torch.float64, device=self.device)
         todo = torch.arange(len(g), device=self.device)  # points not resolved yet
         passes = math.ceil(max_distance)
         for m in range(1, passes + 1):
@@ -89,16 +105,18 @@ class TriangleGrid:
             step = max(1, budget // (2 * m + 1) ** 3)
             for s in range(0, len(todo), step):
                 idx = todo[s : s + step]
-                d = self._nearest(g[idx], m, budget)
+                d, q = self._nearest(g[idx], m, budget)
                 resolved = (d < m) | (m == passes)
+                near = resolved & (d < max_distance)
                 out[idx[resolved]] = d[resolved].clamp(max=max_distance)
+                nearest[idx[near]] = q[near]
                 left.append(idx[~resolved])
             todo = torch.cat(left) if left else todo
-        return out
+        return out, nearest
 
-    def _nearest(self, g: torch.Tensor, m: int, budget: int) -> torch.Tensor:
+    def _nearest(self, g: torch.Tensor, m: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Min distance [n] from points g [n, 3] to the triangles in voxels [floor(g - m), ceil(g + m) - 1]^3
-        (inf where there are none)."""
+        (inf where there are none) and a nearest point [n, 3] (NaN where none)."""
         r = self.resolution
         lo = (g - m).floor().clamp(0, r - 1).to(torch.int64)
         hi = ((g + m).ceil() - 1).clamp(0, r - 1).to(torch.int64)
@@ -111,6 +129,7 @@ class TriangleGrid:
         hit = self.cell_keys[slot] == key if len(self.cell_keys) else torch.zeros_like(key, dtype=torch.bool)
         point, slot = point[hit], slot[hit]
         best = torch.full((len(g),), math.inf, dtype=torch.float64, device=g.device)
+        nearest = torch.full((len(g), 3), math.nan, dtype=torch.float64, device=g.device)
         count = self.cell_count[slot]
         # Pairs in groups of about `budget`: consecutive (point, cell) entries whose triangle counts add up.
         cuts = torch.searchsorted(
@@ -120,9 +139,13 @@ class TriangleGrid:
         for a, b in itertools.pairwise(cuts):
             which, pair = _ranges(self.cell_start[slot[a:b]], count[a:b])
             owner = point[a:b][which]
-            d = point_triangle_distance(g[owner], self.tris[self.cell_tri[pair]])
-            best.scatter_reduce_(0, owner, d, reduce="amin")
-        return best
+            q = closest_point_on_triangle(g[owner], self.tris[self.cell_tri[pair]])
+            d = norm(g[owner] - q)
+            group = torch.full_like(best, math.inf).scatter_reduce_(0, owner, d, reduce="amin")
+            win = (d == group[owner]) & (d < best[owner])  # a nearest pair of this group that improves
+            best = torch.minimum(best, group)
+            nearest[owner[win]] = q[win]
+        return best, nearest
 
 
 def surface_distance(

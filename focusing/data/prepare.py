@@ -24,6 +24,9 @@ Semantics:
 - Done = the item file exists and its settings match (it is written to a temporary name and renamed, so it is
   complete). Re-running skips done items; items whose settings differ are redone. Temporaries that a killed run
   left beside this rank's items and index are removed at the start (`focusing.io.atomic.remove_temporaries`).
+- An item that was cached but may teach nothing (its TSDF has no sign change, or no sample point lies in its
+  voxels) is "ok" with a non-empty "warnings" list in its index entry and metadata, each logged as a warning;
+  "checks" holds the numbers behind them (`item_checks`).
 - A bad item (unreadable, empty, degenerate, ...) is logged with its reason, recorded in the index with
   status "failed", and the batch goes on; it is retried on the next run. `strict=True` (CLI `--strict`) makes
   the command exit 1 when any item failed; by default it exits 0 as long as the run itself worked.
@@ -187,6 +190,7 @@ def prepare_mesh(path: str | os.PathLike, settings: PrepareSettings, timer: _Ste
     corners = voxel_corners(with_batch(pyramid[r]))[0][:, 1:]
     tsdf = corner_tsdf(mesh, corners, r, settings.truncation_voxels, device=device)
     timer.mark("tsdf")
+    checks = item_checks(samples.points, pyramid, tsdf)
     tensors = {
         "vertices": torch.from_numpy(mesh.vertices.astype(np.float32)),
         "faces": torch.from_numpy(mesh.faces.astype(np.int32)),
@@ -209,8 +213,46 @@ def prepare_mesh(path: str | os.PathLike, settings: PrepareSettings, timer: _Ste
             **{f"voxels_{level}": len(c) for level, c in pyramid.items()},
             "corners": len(corners),
         },
+        "checks": checks,
+        "warnings": item_warnings(checks, len(samples.points)),
     }
     return tensors, meta
+
+
+def item_checks(points: np.ndarray, pyramid: dict[int, torch.Tensor], tsdf: torch.Tensor) -> dict:
+    """What an item holds beyond its counts: the TSDF's signs, and how the sample points fill each level's voxels.
+
+    Points are assigned like the encoder does (floor((p + 0.5) r), clamped to the grid): `points_outside_<r>`
+    counts points in no active voxel, `empty_voxels_<r>` active voxels without a point.
+    """
+    from focusing.data.voxelize import _keys
+
+    out = {"tsdf_negative": int((tsdf < 0).sum()), "tsdf_positive": int((tsdf > 0).sum())}
+    p = torch.from_numpy(points)
+    for level, coords in sorted(pyramid.items()):
+        keys = _keys(coords.cpu(), level)  # sorted, unique
+        cells = torch.unique(_keys(torch.floor((p + 0.5) * level).clamp_(0, level - 1), level), return_counts=True)
+        at = torch.searchsorted(keys, cells[0]).clamp(max=max(len(keys) - 1, 0))
+        held = keys[at] == cells[0] if len(keys) else torch.zeros_like(cells[0], dtype=torch.bool)
+        out[f"points_outside_{level}"] = int(cells[1][~held].sum())
+        out[f"empty_voxels_{level}"] = len(keys) - int(held.sum())
+    return out
+
+
+def item_warnings(checks: dict, points: int) -> list[str]:
+    """One line per problem in `item_checks`: a TSDF without a sign change (no surface for the warm-up), no
+    sample point in a level's voxels (nothing for the encoder), or more than 1% of the points outside them."""
+    warnings = []
+    if not (checks["tsdf_negative"] and checks["tsdf_positive"]):
+        side = "negative" if checks["tsdf_negative"] else "positive or zero"
+        warnings.append(f"the TSDF has no sign change (every corner {side}): no surface for the warm-up")
+    for key in (k for k in checks if k.startswith("points_outside_")):
+        level, outside = key.rsplit("_", 1)[-1], checks[key]
+        if outside == points:
+            warnings.append(f"no sample point lies in the active voxels at r = {level}")
+        elif outside > 0.01 * points:
+            warnings.append(f"{outside} of {points} sample points lie outside the active voxels at r = {level}")
+    return warnings
 
 
 def write_item(file: str | os.PathLike, tensors: dict, meta: dict) -> None:
@@ -256,10 +298,11 @@ def _worker_init(threads: int) -> None:
 
 @dataclass
 class PrepareReport:
-    """What a run did: counts of items prepared now, skipped (already done) and failed, and the index path."""
+    """What a run did: counts of items prepared now, skipped (already done) and failed, warnings, the index path."""
 
     prepared: int = 0
     skipped: int = 0
+    warned: int = 0  # warnings logged for items prepared now (also in their index entries' "warnings")
     failed: list[dict] = field(default_factory=list)
     index: Path | None = None
 
@@ -312,6 +355,9 @@ def prepare_dataset(
         entries[entry["id"]] = entry
         if entry["status"] == "ok":
             report.prepared += 1
+            for warning in entry.get("warnings", []):
+                report.warned += 1
+                bar.write(f"focusing prepare: warning: {entry['source']}: {warning}", file=sys.stderr)
         else:
             report.failed.append(entry)
             bar.write(f"focusing prepare: failed {entry['source']}: {entry['error']}", file=sys.stderr)

@@ -1,13 +1,16 @@
 """Exact sparse voxelisation of a triangle mesh, and the voxel pyramid used as GT occupancy.
 
-A voxel (i, j, k) of a grid of resolution R is the *closed* cube [i, i+1] x [j, j+1] x [k, k+1] in grid units
-(grid coordinate g = (x + 0.5) * R). It is active when the cube and a (closed) triangle of the mesh share at
-least one point; touching counts. So a triangle lying exactly in a grid plane activates the voxels on both
-sides of it, a triangle edge on a grid line the 4 voxels around it, a vertex on a grid corner the 8 voxels
-around it. Voxels outside [0, R)^3 are dropped; a triangle on the grid's outer face (x = 0.5) keeps voxel R-1.
+A voxel (i, j, k) of a grid of resolution R is the *half-open* cube [i, i+1) x [j, j+1) x [k, k+1) in grid
+units (grid coordinate g = (x + 0.5) * R), closed on the grid's outer faces (voxel R - 1 is [R - 1, R] along
+that axis). Every point of the cube [0, R]^3 lies in exactly one voxel, min(floor(g), R - 1) per axis: the
+rule by which the encoder's local PointNet assigns surface samples (`focusing.models.pointnet`). A voxel is
+active when its cube and a (closed) triangle of the mesh share at least one point. So a triangle lying in the
+grid plane x = i activates the voxels x = i only (not i - 1, which it merely touches: those would hold no
+sample point), an edge on a grid line one voxel of the 4 around it, a vertex on a grid corner one of 8.
+Triangles outside [0, R]^3 are dropped.
 
-Why closed cubes: the closed cube of a parent voxel is exactly the union of the closed cubes of its 8
-children, so exact voxelisation commutes with coarsening:
+Why half-open cubes: the cubes of the 8 children of a parent voxel tile the parent's cube exactly (also at the
+closed outer faces), so exact voxelisation commutes with coarsening:
 
     voxelize(mesh, R / 2) == unique(voxelize(mesh, R) // 2)            (R even)
 
@@ -15,13 +18,15 @@ Every fine voxel's parent is active and every active parent has an active child.
 this (it voxelises once at R and coarsens), and the tests check it against independent voxelisations.
 
 Triangle/cube overlap is the separating-axis test (Akenine-Moeller): 3 cube face normals, the triangle normal
-and the 9 cross products of triangle edges with the cube axes; it is exact up to float64 rounding, also for
-degenerate (zero-area) triangles, which reduce to segments. Candidates come from each triangle's grid bounding
-box. Large triangles start on a coarser block grid (blocks of 2^l voxels) and are refined 2x per level, keeping
-only blocks whose (slightly inflated, hence conservative) cube overlaps the triangle, so a triangle spanning
-the whole grid costs O(its voxels), not O(its bounding box). Work runs in chunks of at most `chunk` (triangle,
-block) pairs, so memory stays bounded (a 1M-face mesh at R = 1024 fits in a few GB; see
-benchmarks/bench_prepare.py).
+and the 9 cross products of triangle edges with the cube axes. A half-open cube is the union of the closed cubes
+whose open faces are pulled in by e > 0, so it meets a (compact) triangle iff one of them does, and as e -> 0+
+the SAT of the pulled-in cube becomes: on axis a, the cube's projection [-r, r] loses its upper end when a has
+a positive component along an open axis, its lower end when it has a negative one. The test is exact up to float64 rounding, also for degenerate (zero-area) triangles, which
+reduce to segments. Candidates come from each triangle's grid bounding box. Large triangles start on a coarser
+block grid (blocks of 2^l voxels, tested as slightly inflated closed cubes, hence conservatively) and are
+refined 2x per level, so a triangle spanning the whole grid costs O(its voxels), not O(its bounding box). Work
+runs in chunks of at most `chunk` (triangle, block) pairs, so memory stays bounded (a 1M-face mesh at R = 1024
+fits in a few GB; see benchmarks/bench_prepare.py).
 """
 
 from __future__ import annotations
@@ -46,30 +51,47 @@ def default_chunk(device: torch.device) -> int:
     return 1 << 21 if device.type == "cuda" else 1 << 17
 
 
-def triangle_box_overlap(tri: torch.Tensor, half: float | torch.Tensor) -> torch.Tensor:
-    """Separating-axis test of closed triangles against closed axis-aligned cubes centred at the origin.
+def triangle_box_overlap(
+    tri: torch.Tensor, half: float | torch.Tensor, open_top: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Separating-axis test of closed triangles against axis-aligned cubes centred at the origin.
 
     tri: [P, 3, 3] float (vertex, xyz), already translated so the cube centre is the origin; half: the cube's
-    half side (scalar or [P]). Returns bool [P]: True where they share a point (touching counts).
+    half side (scalar or [P]); open_top: bool [P, 3], the axes along which the cube is half-open [-h, h)
+    (default: none, a closed cube). Returns bool [P]: True where they share a point (touching a closed side
+    counts, touching an open one does not).
     """
     half = torch.as_tensor(half, dtype=tri.dtype, device=tri.device)
     half = half.reshape(-1, 1) if half.ndim else half  # broadcasts against [P, 3]
-    # 3 cube face normals: the triangle's extent against [-h, h] on each axis.
-    hit = ((tri.amin(1) <= half) & (tri.amax(1) >= -half)).all(1)
     edges = tri.roll(-1, dims=1) - tri  # [P, 3, 3]: e_i = v_{i+1} - v_i
-    # Triangle normal n: the triangle projects to the point n . v0, the cube to [-r, r], r = h (|nx|+|ny|+|nz|).
     normal = torch.linalg.cross(edges[:, 0], edges[:, 1])
-    hit &= (normal * tri[:, 0]).sum(1).abs() <= (half * normal.abs()).sum(1)
-    # 9 axes e_i x u_j. For u_j with the other two axes (k, l) in cyclic order, w . (e_i x u_j) = e_l w_k - e_k w_l.
-    # v_i and v_{i+1} project to the same value, so the triangle projects to [p(v_i), p(v_{i+2})] (unordered).
     k, l = [1, 2, 0], [2, 0, 1]
     ek, el = edges[:, :, k], edges[:, :, l]  # [P, edge, axis]
+    # Projections (lo, hi) of the triangle and radius r of the cube on each of the 13 axes, [P, 13].
+    # 3 cube face normals: the triangle's extent against [-h, h] on each axis.
+    lo, hi, radius = [tri.amin(1)], [tri.amax(1)], [half.expand(len(tri), 3)]
+    # Triangle normal n: the triangle projects to the point n . v0, the cube to [-r, r], r = h (|nx|+|ny|+|nz|).
+    plane = (normal * tri[:, 0]).sum(1, keepdim=True)
+    lo.append(plane), hi.append(plane), radius.append((half * normal.abs()).sum(1, keepdim=True))
+    # 9 axes e_i x u_j. For u_j with the other two axes (k, l) in cyclic order, w . (e_i x u_j) = e_l w_k - e_k w_l.
+    # v_i and v_{i+1} project to the same value, so the triangle projects to [p(v_i), p(v_{i+2})] (unordered).
     p0 = el * tri[:, :, k] - ek * tri[:, :, l]
     opposite = tri.roll(-2, dims=1)
     p2 = el * opposite[:, :, k] - ek * opposite[:, :, l]
-    radius = (ek.abs() + el.abs()) * (half[:, :, None] if half.ndim else half)
-    hit &= ((torch.minimum(p0, p2) <= radius) & (torch.maximum(p0, p2) >= -radius)).flatten(1).all(1)
-    return hit
+    lo.append(torch.minimum(p0, p2).flatten(1)), hi.append(torch.maximum(p0, p2).flatten(1))
+    radius.append(((ek.abs() + el.abs()) * (half[:, :, None] if half.ndim else half)).flatten(1))
+    lo, hi, radius = torch.cat(lo, 1), torch.cat(hi, 1), torch.cat(radius, 1)
+    if open_top is None:
+        return ((lo <= radius) & (hi >= -radius)).all(1)
+    # The axes themselves [P, 13, 3], their components kept only along the open axes.
+    unit = torch.eye(3, dtype=tri.dtype, device=tri.device).expand(len(tri), 3, 3)
+    cross = torch.zeros(len(tri), 3, 3, 3, dtype=tri.dtype, device=tri.device)  # [P, edge, u_j, xyz]
+    j = torch.arange(3)
+    cross[:, :, j, k], cross[:, :, j, l] = el, -ek
+    axes = torch.cat([unit, normal[:, None], cross.flatten(1, 2)], 1) * open_top[:, None, :].to(tri.dtype)
+    upper = torch.where((axes > 0).any(-1), lo < radius, lo <= radius)
+    lower = torch.where((axes < 0).any(-1), hi > -radius, hi >= -radius)
+    return (upper & lower).all(1)
 
 
 def _keys(xyz: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -103,7 +125,8 @@ def _bbox_blocks(ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple
 def _descend(
     grid_tris: torch.Tensor, tri: torch.Tensor, block: torch.Tensor, level: int, resolution: int, chunk: int, out: list
 ) -> None:
-    """Test (triangle, block) pairs at block size 2^level; refine survivors down to voxels (level 0).
+    """Test (triangle, block) pairs at block size 2^level (inflated closed blocks; at level 0 the exact half-open
+    voxels); refine survivors down to voxels.
 
     grid_tris: [F, 3, 3] float64 triangles in grid units; tri: [P] int64 triangle index; block: [P, 3] int64
     block coordinates. Appends (voxel keys [K] int64, triangle indices [K]) of overlapping pairs to `out`.
@@ -113,7 +136,8 @@ def _descend(
     for start in range(0, len(tri), chunk):
         t, b = tri[start : start + chunk], block[start : start + chunk]
         centre = (b.to(torch.float64) + 0.5) * size
-        keep = triangle_box_overlap(grid_tris[t] - centre[:, None, :], half)
+        open_top = b < resolution - 1 if level == 0 else None  # the last voxel is closed on the outer face
+        keep = triangle_box_overlap(grid_tris[t] - centre[:, None, :], half, open_top)
         t, b = t[keep], b[keep]
         if level == 0:
             out.append((_keys(b, resolution), t))
@@ -125,13 +149,14 @@ def _descend(
 
 def _overlapping_pairs(mesh: Mesh, resolution: int, device: torch.device, chunk: int):
     """Yield, per group of triangles, lists of (voxel keys [K] int64, triangle indices [K] int64) of every
-    (voxel, triangle) pair whose closed cube and triangle meet. Memory: O(chunk) plus one group's pairs."""
+    (voxel, triangle) pair whose voxel and triangle meet. Memory: O(chunk) plus one group's pairs."""
     vertices = torch.as_tensor(mesh.vertices, dtype=torch.float64, device=device)
     grid_tris = (vertices[torch.as_tensor(mesh.faces, device=device)] + 0.5) * resolution  # [F, 3, 3]
-    # Closed cubes: coordinate g lies in voxels ceil(g) - 1 .. floor(g).
-    lo = (grid_tris.amin(1).ceil() - 1).clamp(0, resolution - 1).to(torch.int64)  # [F, 3]
-    hi = grid_tris.amax(1).floor().clamp(max=resolution - 1).to(torch.int64)
-    valid = (hi >= lo).all(1)
+    # Half-open cubes: coordinate g lies in voxel min(floor(g), R - 1), for 0 <= g <= R.
+    g_lo, g_hi = grid_tris.amin(1), grid_tris.amax(1)
+    lo = (g_lo.floor() - (g_lo == resolution).to(g_lo.dtype)).clamp(min=0).to(torch.int64)  # [F, 3]
+    hi = g_hi.floor().clamp(max=resolution - 1).to(torch.int64)
+    valid = ((hi >= lo) & (lo < resolution)).all(1)
     start_level = torch.zeros(len(lo), dtype=torch.int64, device=device)
     while True:  # smallest l with at most START_BLOCKS_PER_AXIS blocks of 2^l voxels per axis (<= log2 R steps)
         level = start_level[:, None]
@@ -155,7 +180,7 @@ def _overlapping_pairs(mesh: Mesh, resolution: int, device: torch.device, chunk:
 
 
 def voxelize(mesh: Mesh, resolution: int, *, device: str | torch.device | None = None, chunk: int | None = None):
-    """The exact set of voxels at resolution R whose closed cube meets a triangle of `mesh` (normalised frame).
+    """The exact set of voxels at resolution R whose (half-open) cube meets a triangle of `mesh` (normalised frame).
 
     Returns int32 [N, 3] (x, y, z) on `device` (default CPU), sorted lexicographically, unique. Prepend a
     batch column for the `[N, 4]` sparse layout with `with_batch`.
@@ -171,7 +196,7 @@ def voxelize(mesh: Mesh, resolution: int, *, device: str | torch.device | None =
 def voxel_triangle_pairs(
     mesh: Mesh, resolution: int, *, device: str | torch.device | None = None, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (voxel, triangle) pair whose closed cube and triangle meet, sorted by voxel: (voxel keys [P]
+    """Every (voxel, triangle) pair whose (half-open) cube and triangle meet, sorted by voxel: (voxel keys [P]
     int64 = (x R + y) R + z, triangle indices [P] int64). The spatial index of `focusing.data.distance`."""
     device = torch.device(device or "cpu")
     pairs = [p for found in _overlapping_pairs(mesh, resolution, device, chunk or default_chunk(device)) for p in found]

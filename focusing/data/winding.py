@@ -6,6 +6,10 @@ Omega_T the signed solid angle of triangle T seen from q (Van Oosterom & Stracke
 oriented mesh w is 1 inside and 0 outside; for open meshes, holes and inner structure it degrades gracefully
 (values in between, 0.5 on the surface and around small holes), which is why the TSDF sign uses w > 0.5.
 
+The winding number follows face orientation: `orient_components` re-winds the faces of a raw mesh so that each
+connected component (faces joined across edges shared by exactly two faces) is consistently oriented with
+positive signed volume, which is what the TSDF's sign (`focusing.data.tsdf`) builds on.
+
 Two evaluators:
 - `exact`: every (point, triangle) pair, chunked. O(N F); the reference.
 - `tree` (Barnes-Hut, after Barill et al. 2018 "Fast winding numbers"): triangles are sorted along a Morton
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from focusing.data.vec3 import cross, dot, norm
@@ -179,6 +184,63 @@ class WindingTree:
             rel = self.tris[tri[k, l]] - q[c[k], j][:, None]  # [n, 3, 3]
             flat.index_add_(0, c[k] * size + j, solid_angle(rel[:, 0], rel[:, 1], rel[:, 2]))
         return acc
+
+
+def orient_components(mesh: Mesh) -> Mesh:
+    """The mesh with faces re-wound: consistent within each connected component, outward (positive volume).
+
+    Faces are joined across manifold edges (used by exactly two faces); a breadth-first spanning forest fixes
+    each face's orientation relative to its component's first face (pointer jumping along the tree, so the cost
+    is O(F log F) without a Python loop over faces); then every component whose signed volume (about its own
+    centroid) is negative is flipped whole. Non-manifold edges do not join faces; on a non-orientable component
+    the orientation is consistent across the tree's edges only. Vertices are unchanged.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order, connected_components
+
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    n = len(faces)
+    if n == 0:
+        return mesh
+    start = faces.reshape(-1)
+    end = np.roll(faces, -1, axis=1).reshape(-1)  # half-edge 3f + i runs start -> end
+    key = np.minimum(start, end) * len(mesh.vertices) + np.maximum(start, end)
+    order = np.argsort(key, kind="stable")
+    _, first, count = np.unique(key[order], return_index=True, return_counts=True)
+    h0, h1 = order[first[count == 2]], order[first[count == 2] + 1]
+    f0, f1 = h0 // 3, h1 // 3
+    keep = f0 != f1
+    f0, f1, flip = f0[keep], f1[keep], (start[h0] == start[h1])[keep]  # same direction: one of the two is flipped
+    adjacency = coo_matrix((np.ones(len(f0)), (f0, f1)), shape=(n, n))
+    n_comp, label = connected_components(adjacency, directed=False)
+    # A virtual root n joined to each component's first face: one breadth-first search spans every component.
+    roots = np.unique(label, return_index=True)[1]
+    rows = np.concatenate([f0, np.full(len(roots), n)])
+    cols = np.concatenate([f1, roots])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n + 1, n + 1)).tocsr()
+    _, parent = breadth_first_order(graph, n, directed=False, return_predecessors=True)
+    parent = parent[:n].astype(np.int64)
+    # Flip of each tree edge (face, parent): look the pair up among the manifold edges.
+    pair = np.minimum(f0, f1) * n + np.maximum(f0, f1)
+    sort = np.argsort(pair)
+    face_ids = np.arange(n)
+    tree = parent != n
+    query = np.minimum(face_ids, parent) * n + np.maximum(face_ids, parent)
+    at = np.clip(np.searchsorted(pair[sort], query), 0, max(len(pair) - 1, 0))
+    parity = np.where(tree, flip[sort][at] if len(pair) else False, False)
+    up = np.where(tree, parent, -1)
+    while (up >= 0).any():  # pointer jumping: parity to the component's first face
+        has = up >= 0
+        parity = parity ^ np.where(has, parity[np.maximum(up, 0)], False)
+        up = np.where(has, up[np.maximum(up, 0)], -1)
+    faces = np.where(parity[:, None], faces[:, ::-1], faces)
+    tri = mesh.vertices[faces]
+    centre = np.stack([np.bincount(label, tri[:, :, c].mean(1), n_comp) for c in range(3)], 1)
+    centre /= np.bincount(label, minlength=n_comp)[:, None]
+    rel = tri - centre[label][:, None]
+    volume = np.bincount(label, np.einsum("fc,fc->f", rel[:, 0], np.cross(rel[:, 1], rel[:, 2])), n_comp)
+    faces = np.where((volume < 0)[label][:, None], faces[:, ::-1], faces)
+    return Mesh(mesh.vertices, faces)
 
 
 def winding_number(

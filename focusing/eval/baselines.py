@@ -182,7 +182,8 @@ class SdfMc:
 @register("fit")
 @dataclass
 class Fit:
-    """A SparseFlex field fitted by render loss at R (`fit_mesh`); options left at None take `FitConfig`'s."""
+    """A SparseFlex field fitted by render loss at R (`fit_mesh`); options left at None take the defaults of
+    `FitConfig.for_device`."""
 
     steps: int | None = None
     image_size: int | None = None
@@ -195,7 +196,7 @@ class Fit:
     def reconstruct(self, gt: Mesh, resolution: int, *, seed: int = 0) -> Mesh:
         from focusing.sparseflex.fit import FitConfig, fit_mesh
 
-        config = FitConfig()
+        config = FitConfig.for_device(self.device, resolution)
         for key in ("steps", "image_size", "view_pool", "views_per_step"):
             if getattr(self, key) is not None:
                 setattr(config, key, getattr(self, key))

@@ -32,9 +32,13 @@ from focusing.sparseflex.extract import SparseFlexResult, sparseflex_mesh
 FULL_COVERAGE = 1 - 1e-4  # antialiased mask value above which a pixel is not a silhouette blend
 
 
+CPU_STEPS, CPU_VIEWS_PER_STEP, CPU_VIEW_POOL = 200, 2, 32
+
+
 @dataclass
 class FitConfig:
-    """Everything `fit_mesh` can tune; defaults aim at F-score@0.005 >= 0.97 at R = 256 on a GPU."""
+    """Everything `fit_mesh` can tune; defaults aim at F-score@0.005 >= 0.97 at R = 256 on a GPU
+    (`for_device` gives the CPU's)."""
 
     steps: int = 400
     views_per_step: int = 4
@@ -57,6 +61,18 @@ class FitConfig:
     w_tsdf: float = 1.0  # paper λ6
     warmup_fraction: float = 0.1
     truncation_voxels: float = 3.0
+
+    @classmethod
+    def for_device(cls, device: str | torch.device | None, resolution: int) -> "FitConfig":
+        """The defaults for `device` and R: on a GPU the class defaults; on a CPU, CPU_STEPS steps of
+        CPU_VIEWS_PER_STEP views at 2 R pixels (128..512) from a pool of CPU_VIEW_POOL, i.e. two pixels per
+        voxel, about 1/8 of the GPU's pixels per step at R = 128 (see docs/BENCHMARKS.md for time and F-score)."""
+        if resolve_device(device).type == "cuda":
+            return cls()
+        return cls(
+            steps=CPU_STEPS, views_per_step=CPU_VIEWS_PER_STEP, view_pool=CPU_VIEW_POOL,
+            image_size=min(512, max(128, 2 * resolution)),
+        )
 
 
 class SparseFlexField(torch.nn.Module):
@@ -144,9 +160,10 @@ def fit_mesh(
     config: FitConfig | None = None,
 ) -> Mesh:
     """Fit a SparseFlex field at `resolution` to `mesh` (normalised frame) by render loss; returns the mesh
-    extracted with the inference split, in the normalised frame. `steps` overrides `config.steps`."""
-    config = config or FitConfig()
+    extracted with the inference split, in the normalised frame. `steps` overrides `config.steps`; the default
+    config follows the device and R (`FitConfig.for_device`)."""
     device = resolve_device(device)
+    config = config or FitConfig.for_device(device, resolution)
     field, target = init_field(mesh, resolution, config, device)
     optimize_field(field, target, mesh, config, steps=steps, seed=seed, progress=progress)
     with torch.no_grad():
