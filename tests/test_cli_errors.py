@@ -141,14 +141,17 @@ def test_the_checkpoint_message_asks_the_methods(monkeypatch):
     from focusing.errors import FocusingError
     from focusing.eval import baselines
 
+    with pytest.raises(FocusingError, match=r"takes no checkpoint \(only vae takes one\)"):
+        check_options("sdf-mc", {"checkpoint": "m.safetensors"})
+    check_options("vae", {"checkpoint": "m.safetensors"})  # accepted
+    monkeypatch.setattr(baselines, "METHODS", {k: v for k, v in baselines.METHODS.items() if k != "vae"})
     with pytest.raises(FocusingError, match=r"takes no checkpoint \(no method takes one yet\)"):
         check_options("sdf-mc", {"checkpoint": "m.safetensors"})
     model = dataclasses.make_dataclass("Model", [("checkpoint", str, "")])
     monkeypatch.setitem(baselines.METHODS, "model", model)
     model.name = "model"
-    with pytest.raises(FocusingError, match=r"takes no checkpoint \(only model take one\)"):
+    with pytest.raises(FocusingError, match=r"takes no checkpoint \(only model takes one\)"):
         check_options("sdf-mc", {"checkpoint": "m.safetensors"})
-    check_options("model", {"checkpoint": "m.safetensors"})  # accepted
 
 
 def test_formats_for_people():

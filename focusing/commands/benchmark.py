@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="Methods: gt-resample (the GT itself: the metric's floor), poisson (screened Poisson of the 819,200 "
         "oriented points the VAE gets, depth log2 R, density-trimmed; needs pymeshlab), sdf-mc (flood fill + "
         "marching cubes at R), fit (SparseFlex field fitted by render loss at R; slow on CPU). Method options, e.g. "
-        "--option trim=none (poisson), --option steps=200 (fit), --option device=cuda; --checkpoint PATH is "
+        "--option trim=none (poisson), --option steps=200 (fit), --option device=cuda; vae (the Focusing VAE: "
+        "encode the oriented points, decode at R; --checkpoint FOLDER, default the shipped one); --checkpoint PATH is "
         "--option checkpoint=PATH, for the methods that take one. See focusing.eval.baselines.",
     )
     p.add_argument("--method", choices=sorted(METHODS), help="reconstruction method")
@@ -66,7 +67,8 @@ def check_options(method: str, options: dict[str, str]) -> None:
 
     takes = sorted(n for n, cls in METHODS.items() if "checkpoint" in {f.name for f in dataclasses.fields(cls)})
     if "checkpoint" in options and method not in takes:
-        which = f"only {', '.join(takes)} take one" if takes else "no method takes one yet"
+        which = (f"only {', '.join(takes)} {'takes' if len(takes) == 1 else 'take'} one" if takes
+                 else "no method takes one yet")
         raise FocusingError(f"method {method} takes no checkpoint ({which})")
     make_method(method, options)  # unknown options, values of the wrong type
     if "device" in options:

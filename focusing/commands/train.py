@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from focusing.commands.checks import device, positive_float
+
 LAYOUT = """\
 files in OUT (default runs/<config name>):
   checkpoint/       the latest checkpoint only (checkpoint.json + tensors-*.safetensors, at most 16 MiB each by
@@ -37,14 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment config (YAML)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<config file name without .yaml>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in OUT")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="wall-clock budget of this command: stop and checkpoint before it runs out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable; values are YAML)")
     p.add_argument("--init-from", default=None, metavar="WEIGHTS",
                    help="start a new run from these weights (an exported folder or a run's checkpoint; weights "
                    "only, no optimizer state), e.g. the next resolution stage of an earlier run")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu; "
+    p.add_argument("--device", type=device, default=None, help="torch device (default: cuda when available, else cpu; "
                    "under torchrun each process takes cuda:LOCAL_RANK)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -84,14 +86,11 @@ def run(args: argparse.Namespace, builders: ModuleType | object | None = None) -
     started = time.monotonic()
     import torch
 
-    from focusing.errors import FocusingError
     from focusing.train.checkpoint import load_state_dict_strict, load_weights
     from focusing.train.config import to_dict
     from focusing.train.distributed import setup_distributed, teardown_distributed
     from focusing.train.trainer import Trainer
 
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise FocusingError(f"--max-minutes must be > 0, got {args.max_minutes}")
     if builders is None:
         builders = importlib.import_module("focusing.train.experiment")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
