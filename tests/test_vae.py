@@ -156,3 +156,14 @@ def test_decode_rejects_a_latent_of_other_channels(shape):
     z = SparseTensor(latent, torch.zeros(len(latent), 4), resolution=8)
     with pytest.raises(FocusingError, match="4 channels"):
         decode_latent(model, Latent(z, Normalization((0.0, 0.0, 0.0), 1.0)))
+
+
+def test_an_empty_selection_decodes_to_an_empty_mesh(shape):
+    """A view that selects no latent voxel (e.g. all carved away) gives an empty mesh and finite terms."""
+    model = _model().train()
+    latent, mid, full = shape["levels"]
+    z = model.encode(shape["points"], shape["normals"], None, latent, shape["R"] // 4).sample()
+    out = model.decode(z.select(torch.zeros(len(z), dtype=torch.bool)), targets=(mid, full))
+    res = out.mesh(training=True)
+    assert len(out.coords) == 0 and len(res.faces) == 0 and len(res.mesh(0)[0]) == 0
+    assert torch.isfinite(res.consistency) and torch.isfinite(res.dev_loss)

@@ -32,6 +32,7 @@ everything is vectorised and runs unchanged on CPU and CUDA. Unreferenced dual v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ def weights_from_raw(alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tenso
 def average_corners(values: torch.Tensor, voxel_to_corner: torch.Tensor, n_corners: int) -> torch.Tensor:
     """Mean over the voxels sharing each corner: values [N, 8, ...] -> [M, ...]."""
     flat_idx = voxel_to_corner.reshape(-1)
-    flat = values.reshape(flat_idx.numel(), -1)
+    flat = values.reshape(flat_idx.numel(), math.prod(values.shape[2:]))
     total = torch.zeros((n_corners, flat.shape[1]), dtype=flat.dtype, device=flat.device).index_add_(0, flat_idx, flat)
     count = torch.bincount(flat_idx, minlength=n_corners).clamp_(min=1).to(flat.dtype)
     return (total / count[:, None]).reshape((n_corners,) + values.shape[2:])
