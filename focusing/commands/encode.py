@@ -23,13 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from focusing.inference import encode_mesh, save_latent
-    from focusing.io import load_mesh
+    from focusing.inference import save_latent
 
-    model = vae_args.load_model(args)
-    mesh = load_mesh(args.mesh)
-    resolution = vae_args.resolution(args, model, args.mesh)
-    latent = encode_mesh(model, mesh, resolution, points=args.points, seed=args.seed, path=args.mesh)
+    _, latent = vae_args.encode_input(args)
     save_latent(latent, args.output)
     print(f"wrote {args.output}: {len(latent.z):,} latent voxels x {latent.z.feats.shape[1]} channels at "
           f"{latent.z.resolution}^3 (decodes at R = {latent.output_resolution})")

@@ -25,15 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from focusing.inference import decode_latent, encode_mesh
-    from focusing.io import load_mesh, save_mesh
+    from focusing.inference import decode_latent
+    from focusing.io import save_mesh
 
-    model = vae_args.load_model(args)
-    mesh = load_mesh(args.mesh)
-    resolution = vae_args.resolution(args, model, args.mesh)
-    latent = encode_mesh(model, mesh, resolution, points=args.points, seed=args.seed, path=args.mesh)
+    model, latent = vae_args.encode_input(args)
     out = decode_latent(model, latent, tile=args.tile, normalized=args.normalized)
     save_mesh(out, args.output)
     print(f"wrote {args.output}: {len(out.vertices):,} vertices, {len(out.faces):,} faces "
-          f"(R = {resolution}, {len(latent.z):,} latent voxels)")
+          f"(R = {latent.output_resolution}, {len(latent.z):,} latent voxels)")
     return 0

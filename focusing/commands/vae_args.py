@@ -44,10 +44,15 @@ def load_model(args: argparse.Namespace):
     return load_vae(args.checkpoint, device=args.device)
 
 
-def resolution(args: argparse.Namespace, model, path: str) -> int:
+def encode_input(args: argparse.Namespace):
+    """(model, latent) of `args.mesh` at `--resolution` (default: the checkpoint's) with `--points` / `--seed`."""
     from focusing.errors import InputError
+    from focusing.inference import encode_mesh
+    from focusing.io import load_mesh
 
+    model = load_model(args)
+    mesh = load_mesh(args.mesh)
     r = args.resolution or model.config.resolution
     if r % 4:
-        raise InputError(path, f"--resolution must be a multiple of 4, got {r}")
-    return r
+        raise InputError(args.mesh, f"--resolution must be a multiple of 4, got {r}")
+    return model, encode_mesh(model, mesh, r, points=args.points, seed=args.seed, path=args.mesh)
