@@ -258,3 +258,31 @@ def test_cuda_prefetch_on_its_own_stream_matches_building_in_place(corpus):
         torch.cuda.current_stream().synchronize()
         assert got["points"].is_cuda and _same(got, expected)
     ahead.close()
+
+
+def test_batches_carry_the_corner_tsdf_for_the_warm_up(data_dir, monkeypatch):
+    """With tsdf_truncation, a batch holds the corners of its R-level voxels and their corner TSDF; in a fixed
+    pose the TSDF is computed once per mesh and reused."""
+    from focusing.data.grid import voxel_corners
+    from focusing.data.tsdf import corner_tsdf
+
+    from focusing.data import online
+
+    calls = []
+    real = online.corner_targets
+    monkeypatch.setattr(online, "corner_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    R = 16
+    mesh_file = data_dir / "fandisk.ply"
+    source = make_source(mesh_file, resolution=R, points=500, batch_size=1, seed=0, augment=None, reuse=1,
+                         tsdf_truncation=3.0)
+    first, second = source.next_batch(), source.next_batch()
+    corners, _ = voxel_corners(first["voxels"])
+    assert torch.equal(first["corners"], corners) and first["tsdf"].shape == (len(corners),)
+    mesh, _ = normalize(load_mesh(mesh_file))
+    assert torch.allclose(first["tsdf"], corner_tsdf(mesh, corners[:, 1:], R, 3.0))
+    assert (first["tsdf"] < 0).any() and (first["tsdf"] > 0).any()
+    assert torch.equal(second["tsdf"], first["tsdf"]) and len(calls) == 1  # a fixed pose's TSDF: computed once
+    augmented = make_source(mesh_file, resolution=R, points=500, batch_size=1, seed=0, augment=AugmentConfig(),
+                            tsdf_truncation=3.0).next_batch()
+    assert torch.equal(augmented["corners"], voxel_corners(augmented["voxels"])[0])
+    source.close()

@@ -33,6 +33,7 @@ stream; the trainer's stream waits on an event recorded after building, and ever
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import sys
@@ -50,6 +51,8 @@ from focusing.errors import FocusingError, InputError, failure_message
 from focusing.io.mesh import Mesh, normalize
 
 STATE_VERSION = 1
+FIXED_TARGETS = 64
+"""Meshes whose fixed-pose corner TSDF an `OnlineSource` keeps (see `OnlineSource._fixed_targets`)."""
 
 
 def sample_surface_torch(
@@ -320,6 +323,7 @@ class OnlineSource:
         self.device = torch.device(device)
         self.augment = augment
         self.tsdf_truncation = tsdf_truncation
+        self._targets: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self.held = exclude if isinstance(exclude, HeldOut) else HeldOut.from_paths(exclude)
         self.usable = []
         for i in range(len(collection)):
@@ -384,15 +388,26 @@ class OnlineSource:
             key = (self.seed, g)
             if self.use_stored:
                 sample = self.collection.stored(index, self.points, self.device, key)
-                if self.tsdf_truncation is not None:
-                    sample.update(corner_targets(mesh, sample["voxels"], self.resolution, self.tsdf_truncation))
-                samples.append(sample)
-            else:
-                samples.append(build_sample(mesh, resolution=self.resolution, points=self.points,
-                                            device=self.device, augment=self.augment, key=key,
-                                            tsdf_truncation=self.tsdf_truncation))
+            else:  # an augmented mesh gets its own corner TSDF; a fixed pose's comes from `_fixed_targets`
+                sample = build_sample(mesh, resolution=self.resolution, points=self.points, device=self.device,
+                                      augment=self.augment, key=key,
+                                      tsdf_truncation=self.tsdf_truncation if self.augment is not None else None)
+            if self.tsdf_truncation is not None and "tsdf" not in sample:
+                sample.update(self._fixed_targets(index, mesh, sample["voxels"]))
+            samples.append(sample)
             ids.append(self.collection.ids[index])
         return collate(samples, ids, self.resolution)
+
+    def _fixed_targets(self, index: int, mesh: Mesh, voxels: torch.Tensor) -> dict:
+        """Corner TSDF of mesh `index` in its fixed pose (no augmentation): the same at every use, so the last
+        FIXED_TARGETS meshes' are kept (the TSDF is the costly part of a sample; overfitting one mesh pays once)."""
+        if index in self._targets:
+            self._targets.move_to_end(index)
+        else:
+            self._targets[index] = corner_targets(mesh, voxels, self.resolution, self.tsdf_truncation)
+            while len(self._targets) > FIXED_TARGETS:
+                self._targets.popitem(last=False)
+        return self._targets[index]
 
     # -- the TrainingSource protocol --------------------------------------------------------------------
     @property
