@@ -40,8 +40,15 @@ def render_mesh(vertices: Tensor, faces: Tensor, camera: Camera, *, antialias: b
     antialias: blend silhouettes so the mask (and depth/normal at edges) get gradients w.r.t. vertices.
     topology: `mesh_topology(faces)` for the antialiasing; built if None and cached per `faces` tensor object
     (pass the same int64 faces tensor, on the vertices' device, to reuse it across calls).
+    Geometry is float32 / float64 whatever autocast is on outside (a bf16 clip space would misplace pixels).
     """
     vertices = torch.as_tensor(vertices)
+    with torch.autocast(vertices.device.type, enabled=False):
+        return _render(vertices, faces, camera, antialias, backend, topology)
+
+
+def _render(vertices: Tensor, faces: Tensor, camera: Camera, antialias: bool, backend: str,
+            topology: MeshTopology | None) -> RenderOutput:
     if vertices.dtype not in (torch.float32, torch.float64):
         vertices = vertices.to(torch.float32)
     faces = torch.as_tensor(faces, device=vertices.device).to(torch.int64)

@@ -92,7 +92,6 @@ class VAEObjective:
 
     def __call__(self, model: FocusingVAE, batch: dict, *, step: int, generator: torch.Generator | None = None,
                  want_images: bool = False) -> StepResult:
-        v, cfg = self.views, self.loss_cfg
         R = int(batch["resolution"])
         latent_res = R // LATENT_FACTOR
         meshes = list(zip(batch["vertices"], batch["faces"]))
@@ -104,17 +103,28 @@ class VAEObjective:
         posterior = model.encode(batch["points"], batch["normals"], batch["point_batch"], batch["voxels_latent"],
                                  latent_res, batch_size=n_items)
         z = posterior.sample(generator)
-        cams = self.cameras(n_items, generator, device)
+        with torch.autocast(device.type, enabled=False):  # cameras, carving, zoom: float32 geometry
+            sel = self.select(z.coords, latent_res, R, meshes, generator, device)
+        decoded = model.decode(z.select(sel.keep), targets=(batch["voxels_mid"], batch["voxels"]))
+        with torch.autocast(device.type, enabled=False):  # extraction, renders and losses in float32
+            return self._render_and_score(batch, step, posterior, decoded, sel, meshes, R, want_images)
+
+    def select(self, coords, latent_res: int, R: int, meshes, generator, device):
+        """One random camera per item, the GT depth for carving, and `focusing.carving.select_voxels`."""
+        v = self.views
+        cams = self.cameras(len(meshes), generator, device)
         depth_map = None
         if v.selection == "carve" or v.zoom:  # the zoom is always chosen on the carved set (focusing.carving)
             with torch.no_grad():
                 depth_map = torch.cat([gt_depth_for_carving(vert, face, cams[b])
                                        for b, (vert, face) in enumerate(meshes)])
-        sel = select_voxels(
-            z.coords, latent_res, cams, mode=v.selection, zoom=v.zoom, depth_map=depth_map,
+        return select_voxels(
+            coords, latent_res, cams, mode=v.selection, zoom=v.zoom, depth_map=depth_map,
             r=v.carve_r_voxels / R, n_range=v.zoom_voxels, s=v.zoom_s, generator=generator,
         )
-        decoded = model.decode(z.select(sel.keep), targets=(batch["voxels_mid"], batch["voxels"]))
+
+    def _render_and_score(self, batch, step, posterior, decoded, sel, meshes, R, want_images) -> StepResult:
+        cfg = self.loss_cfg
         result = decoded.mesh(training=True)
 
         pred, gt = [], []
