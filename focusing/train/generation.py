@@ -55,23 +55,36 @@ class StructureLossConfig:
     kl: float = 1e-3
 
 
-def condition_images(vertices: list, faces: list, cfg: ConditionConfig, generator: torch.Generator) -> torch.Tensor:
-    """Shaded normal maps `[B, 3, S, S]` in [0, 1] of the meshes (float32 `[V, 3]`, int64 `[F, 3]`), one random
-    camera each; the cameras come from a CPU generator seeded from `generator` (any device, resumes exactly)."""
-    from focusing.render import random_cameras, render_mesh
-    from focusing.render.images import normal_to_rgb
+def condition_cameras(n: int, cfg: ConditionConfig, generator: torch.Generator) -> list:
+    """`n` random cameras (one `Camera` each) looking at the origin; drawn with a CPU generator seeded from
+    `generator` (of any device), so a resumed run draws the same ones."""
+    from focusing.render import random_cameras
 
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     cpu = torch.Generator().manual_seed(seed)
-    out = []
-    for v, f in zip(vertices, faces):
+    cams = []
+    for _ in range(n):
         radius, fov = (lo + (hi - lo) * float(torch.rand((), generator=cpu)) for lo, hi in (cfg.radius, cfg.fov_deg))
-        cam = random_cameras(1, radius=radius, fov_deg=fov, resolution=cfg.image_size, generator=cpu)
-        with torch.no_grad():
-            r = render_mesh(v.float(), f, cam)
-        rgb = torch.from_numpy(normal_to_rgb(r.normal[0], r.mask[0])).to(v.device)
-        out.append(rgb.permute(2, 0, 1).float() / 255.0)
-    return torch.stack(out)
+        cams.append(random_cameras(1, radius=radius, fov_deg=fov, resolution=cfg.image_size, generator=cpu))
+    return cams
+
+
+def render_condition(vertices: torch.Tensor, faces: torch.Tensor, camera) -> torch.Tensor:
+    """The shaded normal map `[3, S, S]` in [0, 1] of a mesh (`[V, 3]`, `[F, 3]`) seen by a one-view `camera`:
+    `normal_to_rgb` of the render, white background (what `focusing generate` expects)."""
+    from focusing.render import render_mesh
+    from focusing.render.images import normal_to_rgb
+
+    with torch.no_grad():
+        r = render_mesh(vertices.float(), faces, camera)
+    rgb = torch.from_numpy(normal_to_rgb(r.normal[0], r.mask[0])).to(vertices.device)
+    return rgb.permute(2, 0, 1).float() / 255.0
+
+
+def condition_images(vertices: list, faces: list, cfg: ConditionConfig, generator: torch.Generator) -> torch.Tensor:
+    """Condition images `[B, 3, S, S]` of the meshes (float `[V, 3]`, int64 `[F, 3]`), one random view each."""
+    cams = condition_cameras(len(vertices), cfg, generator)
+    return torch.stack([render_condition(v, f, cam) for v, f, cam in zip(vertices, faces, cams)])
 
 
 def _structure(batch: dict) -> torch.Tensor:
