@@ -74,21 +74,24 @@ class VAEConfig:
 
 @dataclass
 class Posterior:
-    """Diagonal Gaussian over the latent: mean `[N, C]` on the latent voxels (a SparseTensor), logvar `[N, C]`."""
+    """Diagonal Gaussian over the latent: mean `[N, C]` on the latent voxels (a SparseTensor), logvar `[N, C]`;
+    or a dense mean tensor and logvar of one shape (the sparse-structure VAE's `[B, C, G, G, G]`)."""
 
-    mean: SparseTensor
+    mean: SparseTensor | torch.Tensor
     logvar: torch.Tensor
 
-    def sample(self, generator: torch.Generator | None = None) -> SparseTensor:
+    def sample(self, generator: torch.Generator | None = None) -> SparseTensor | torch.Tensor:
         """Reparametrised sample mean + exp(logvar / 2) * eps (differentiable in mean and logvar)."""
         device = generator.device if generator is not None else self.logvar.device
         eps = torch.randn(self.logvar.shape, generator=generator, device=device, dtype=self.logvar.dtype)
         eps = eps.to(self.logvar.device)
+        if isinstance(self.mean, torch.Tensor):
+            return self.mean + torch.exp(0.5 * self.logvar) * eps
         return self.mean.replace(self.mean.feats + torch.exp(0.5 * self.logvar) * eps)
 
     def kl(self) -> torch.Tensor:
         """KL to the standard normal, averaged over voxels and channels (TRELLIS's normalisation)."""
-        mean = self.mean.feats
+        mean = self.mean if isinstance(self.mean, torch.Tensor) else self.mean.feats
         if mean.numel() == 0:
             return mean.sum()
         return 0.5 * torch.mean(mean.square() + self.logvar.exp() - 1.0 - self.logvar)

@@ -7,7 +7,9 @@
     train: TrainConfig      (focusing.train.config)     optimiser, schedule, stages, logging, checkpoints
 
 `focusing train --config configs/S.yaml` builds everything from here (`build_model`, `build_objective`,
-`build_source`); the named configs live in the repository's `configs/` folder.
+`build_source`); the named configs live in the repository's `configs/` folder. A top-level `kind:` other than
+`vae` selects one of the image-to-3D generator's experiments (`focusing.train.generation.EXPERIMENTS`), which
+build their own model, objective and source.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -27,6 +30,7 @@ from focusing.train.objective import ViewConfig, VAEObjective
 
 @dataclass
 class ExperimentConfig:
+    kind: Literal["vae"] = "vae"
     model: VAEConfig = field(default_factory=VAEConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
@@ -48,14 +52,25 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, .
     if not isinstance(data, dict):
         raise InputError(path, "a config is a mapping of sections (model, loss, views, data, train)")
     data = apply_overrides(data, list(overrides), where=str(path))
+    kind = data.get("kind", "vae")
+    if kind != "vae":
+        from focusing.train.generation import EXPERIMENTS
+
+        if kind not in EXPERIMENTS:
+            raise InputError(f"{path}:kind", f"expected one of vae, {', '.join(EXPERIMENTS)}, got {kind!r}")
+        return from_dict(EXPERIMENTS[kind], data, where=str(path))
     return from_dict(ExperimentConfig, data, where=str(path))
 
 
-def build_model(cfg: ExperimentConfig) -> FocusingVAE:
+def build_model(cfg: ExperimentConfig):
+    if not isinstance(cfg, ExperimentConfig):  # a generator experiment
+        return cfg.build_model()
     return FocusingVAE(cfg.model)
 
 
-def build_objective(cfg: ExperimentConfig) -> VAEObjective:
+def build_objective(cfg: ExperimentConfig):
+    if not isinstance(cfg, ExperimentConfig):
+        return cfg.build_objective()
     return VAEObjective(cfg.loss, cfg.views)
 
 
@@ -64,6 +79,8 @@ def build_source(cfg: ExperimentConfig, resolution: int, rank: int, world_size: 
     """The training batches at `resolution` for this rank (`focusing.data.online.make_source`) of the stage
     starting at `start_step`; a stage that starts inside the TSDF warm-up builds the corner TSDF with each
     sample (make the warm-up its own stage, as configs/S.yaml does, so the rest of training skips that cost)."""
+    if not isinstance(cfg, ExperimentConfig):
+        return cfg.build_source(resolution, rank, world_size, device, start_step)
     from focusing.data.online import make_source
 
     d = cfg.data

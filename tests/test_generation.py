@@ -1,0 +1,305 @@
+"""The image-to-3D generator on CPU at tiny sizes: the three models learn on a few shapes, the DiTs keep batch
+items apart, `focusing train` runs the generator kinds, `focusing generate` runs end to end with tiny random
+weights (written with the trainer's checkpoint and export functions), and bad inputs fail with one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from focusing.cli import main
+from focusing.errors import FocusingError
+from focusing.flow import SamplerConfig, guided_velocity
+from focusing.models.dit import (
+    DiTConfig, LatentFlow, LatentFlowConfig, StructureFlow, StructureFlowConfig,
+)
+from focusing.models.image_encoder import ImageEncoderConfig, build_image_encoder
+from focusing.models.structure_vae import StructureVAE, StructureVAEConfig, occupancy_grid, occupied_coords
+from focusing.models.vae import FocusingVAE, VAEConfig
+from focusing.sparse.tensor import SparseTensor
+from focusing.train.checkpoint import export_weights, save_checkpoint
+from focusing.train.config import from_dict, load_yaml, to_dict
+from focusing.train.experiment import load_experiment
+from focusing.train.generation import (
+    ConditionConfig, LatentFlowObjective, StructureFlowObjective, StructureLossConfig, StructureVAEObjective,
+    condition_images,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+SHAPES = ("balloon_whisk.ply", "idler_riser.ply", "stone_tomb_01.glb")
+IMAGE = ImageEncoderConfig(image_size=32, channels=32, patch_size=8, blocks=1, heads=2)
+DIT = DiTConfig(channels=32, blocks=2, head_channels=16, window_size=4)
+SVAE = StructureVAEConfig(resolution=16, channels=(8, 16, 32), num_res_blocks=1, middle_blocks=1)
+
+
+def tiny_shape_vae_config() -> VAEConfig:
+    return from_dict(VAEConfig, load_yaml(ROOT / "configs" / "tiny.yaml")["model"])
+
+
+def write_weights(model: torch.nn.Module, folder: Path) -> Path:
+    """A weights folder of `model` as training writes it: a checkpoint, then `export_weights` (fp32)."""
+    tensors = {f"model/{k}": v.detach().float().clone() if v.is_floating_point() else v.clone()
+               for k, v in model.state_dict().items()}
+    meta = {"step": 0, "model_class": type(model).__name__, "model_config": to_dict(model.config)}
+    save_checkpoint(folder.parent / f".{folder.name}-checkpoint", tensors, meta)
+    export_weights(folder.parent / f".{folder.name}-checkpoint", folder, dtype=torch.float32)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    for name in SHAPES:
+        (folder / name).symlink_to(DATA / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def batch(shapes):
+    from focusing.data.online import make_source
+
+    return make_source(shapes, resolution=64, points=2000, batch_size=3, seed=0).next_batch()
+
+
+def _train(model, objective, batch, steps, lr=3e-3):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        result = objective(model, batch, step=step, generator=g, want_images=False)
+        opt.zero_grad()
+        result.loss.backward()
+        opt.step()
+        losses.append(float(result.loss.detach()))
+    return losses
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _held_loss(model, objective, batch, draws=4):
+    """The objective's mean loss over a fixed set of random draws (times, noise, views), without training."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        return _mean([float(objective(model, batch, step=0, generator=g).loss) for _ in range(draws)])
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+def test_occupancy_roundtrip_and_structure_vae_shapes():
+    coords = torch.tensor([[0, 1, 2, 3], [0, 15, 0, 7], [1, 4, 4, 4]], dtype=torch.int32)
+    grid = occupancy_grid(coords, 2, 16)
+    assert grid.shape == (2, 1, 16, 16, 16) and grid.sum() == 3
+    assert torch.equal(occupied_coords(grid * 2 - 1), coords)
+    vae = StructureVAE(SVAE)
+    post = vae.encode(grid)
+    assert post.mean.shape == (2, 8, 4, 4, 4) and SVAE.latent_resolution == 4
+    assert vae.decode(post.mean).shape == (2, 1, 16, 16, 16)
+    assert StructureVAEConfig().latent_resolution == 16
+    assert StructureVAEConfig(resolution=128, channels=(16, 32, 128, 512)).latent_resolution == 16
+
+
+def test_dits_start_at_zero_and_keep_items_apart():
+    torch.manual_seed(0)
+    lf = LatentFlow(LatentFlowConfig(dit=DIT, image=IMAGE))
+    coords = torch.tensor([[0, 1, 1, 1], [0, 1, 2, 3], [0, 6, 1, 0], [1, 0, 0, 0], [1, 5, 5, 5]], dtype=torch.int32)
+    z = SparseTensor(coords, torch.randn(5, 8), batch_size=2)
+    t, cond = torch.rand(2), torch.randn(2, 16, 32)
+    assert torch.equal(lf(z, t, cond).feats, torch.zeros(5, 8))  # adaLN-Zero and a zero output layer
+    with torch.no_grad():
+        for p in lf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = lf(z, t, cond).feats
+    cond2 = cond.clone()
+    cond2[1] += 1.0
+    t2 = t.clone()
+    t2[1] = 0.9
+    out2 = lf(z, t2, cond2).feats
+    assert torch.allclose(out[:3], out2[:3], atol=1e-6)  # item 0 ignores item 1's time and condition
+    assert not torch.allclose(out[3:], out2[3:], atol=1e-4)
+    # CFG with weight 1 is the conditional prediction
+    predict = lambda f, tt, c: lf(z.replace(f), tt, c).feats  # noqa: E731
+    expected = predict(z.feats, torch.full((2,), 0.7), cond)
+    assert torch.equal(guided_velocity(predict, z.feats, 0.7, cond, SamplerConfig(cfg=1.0)), expected)
+
+    sf = StructureFlow(StructureFlowConfig(resolution=4, dit=DIT, image=IMAGE))
+    with torch.no_grad():
+        for p in sf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 8, 4, 4, 4)
+    y = sf(x, t, cond)
+    x2 = x.clone()
+    x2[0, :, 3, 3, 3] += 1.0
+    y2 = sf(x2, t, cond)
+    assert y.shape == x.shape
+    assert (y2[0] - y[0]).abs().amax(0).gt(1e-6).all()  # global attention: one cell changes every cell
+    assert torch.allclose(y2[1], y[1], atol=1e-6)
+
+
+def test_dinov2_without_transformers_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    with pytest.raises(FocusingError) as err:
+        build_image_encoder(ImageEncoderConfig(kind="dinov2", image_size=518, weights=str(tmp_path)))
+    message = str(err.value)
+    assert "\n" not in message and "transformers" in message and "focusing[dinov2]" in message
+
+
+def test_dinov2_config_through_train_is_one_line(monkeypatch, tmp_path, capsys, shapes):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    vae = write_weights(StructureVAE(SVAE), tmp_path / "svae")
+    code = main(["train", "--config", str(ROOT / "configs" / "gen-structure-flow-tiny.yaml"), "--out",
+                 str(tmp_path / "run"), "--quiet", "--device", "cpu", "--set", f"structure_vae={vae}",
+                 "--set", "model.image.kind=dinov2", "--set", f"data.source={shapes}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "focusing[dinov2]" in err[0]
+
+
+def test_condition_images_are_normal_renders(batch):
+    g = torch.Generator().manual_seed(0)
+    images = condition_images(batch["vertices"], batch["faces"], ConditionConfig(image_size=32), g)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    background = (images == 1).all(1)
+    assert background.float().mean() > 0.2 and (~background).float().mean() > 0.05
+    again = condition_images(batch["vertices"], batch["faces"], ConditionConfig(image_size=32),
+                             torch.Generator().manual_seed(0))
+    assert torch.equal(images, again)
+
+
+# ---- each model learns on a few shapes --------------------------------------------------------------------------
+
+def test_structure_vae_loss_falls(batch):
+    losses = _train(StructureVAE(SVAE), StructureVAEObjective(StructureLossConfig(bce=1.0)), batch, 30)
+    assert _mean(losses[-5:]) < 0.6 * _mean(losses[:5]), losses
+
+
+def test_structure_flow_loss_falls(batch):
+    torch.manual_seed(1)
+    objective = StructureFlowObjective(from_dict_flow(), ConditionConfig(image_size=32), StructureVAE(SVAE))
+    model = StructureFlow(StructureFlowConfig(resolution=4, dit=DIT, image=IMAGE))
+    before = _held_loss(model, objective, batch)
+    _train(model, objective, batch, 40, lr=5e-3)
+    assert bool(model.calibrated)
+    after = _held_loss(model, objective, batch)
+    assert after < 0.85 * before, (before, after)  # an untrained model stays at `before` exactly
+
+
+def test_latent_flow_loss_falls(batch):
+    torch.manual_seed(2)
+    objective = LatentFlowObjective(from_dict_flow(), ConditionConfig(image_size=32),
+                                    FocusingVAE(tiny_shape_vae_config()))
+    model = LatentFlow(LatentFlowConfig(dit=DIT, image=IMAGE))
+    before = _held_loss(model, objective, batch)
+    _train(model, objective, batch, 30, lr=5e-3)
+    after = _held_loss(model, objective, batch)
+    assert after < 0.85 * before, (before, after)
+
+
+def from_dict_flow():
+    from focusing.flow import FlowConfig
+
+    return FlowConfig()
+
+
+# ---- commands ---------------------------------------------------------------------------------------------------
+
+def test_train_command_runs_a_generator_kind(tmp_path, shapes):
+    from focusing.train.logs import read_metrics
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(ROOT / "configs" / "gen-structure-vae-tiny.yaml"), "--out", str(out),
+                 "--quiet", "--device", "cpu", "--set", "train.steps=4", "--set", "train.log_every=2",
+                 "--set", f"data.source={shapes}", "--set", "data.reuse=4"])
+    assert code == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4] and "loss/dice" in records[0]
+    weights = export_weights(out, tmp_path / "weights")
+    from focusing.image_to_3d import load_structure_vae
+
+    assert load_structure_vae(weights.parent).config.latent_resolution == 4
+
+
+def test_every_config_loads():
+    for name in ("gen-structure-vae", "gen-structure-flow", "gen-latent-flow"):
+        for suffix in ("", "-tiny"):
+            cfg = load_experiment(ROOT / "configs" / f"{name}{suffix}.yaml")
+            assert cfg.kind == name.removeprefix("gen-").replace("-", "_")
+    assert load_experiment(ROOT / "configs" / "tiny.yaml").kind == "vae"
+    big = load_experiment(ROOT / "configs" / "gen-structure-vae.yaml")
+    assert big.model.latent_resolution == 16 and big.train.resolution == 4 * big.model.resolution
+
+
+@pytest.fixture(scope="module")
+def generator_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("generator")
+    torch.manual_seed(3)
+    svae = StructureVAE(SVAE)
+    with torch.no_grad():
+        svae.decoder_out[-1].bias.fill_(1.0)  # a random structure VAE that decodes to a non-empty structure
+    write_weights(svae, folder / "structure-vae")
+    write_weights(StructureFlow(StructureFlowConfig(resolution=4, dit=DIT, image=IMAGE)), folder / "structure-flow")
+    write_weights(LatentFlow(LatentFlowConfig(dit=DIT, image=IMAGE)), folder / "latent-flow")
+    write_weights(FocusingVAE(tiny_shape_vae_config()), folder / "shape-vae")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def condition_png(tmp_path_factory, batch) -> Path:
+    from focusing.render.images import save_png
+
+    image = condition_images(batch["vertices"][:1], batch["faces"][:1], ConditionConfig(image_size=48),
+                             torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("image") / "view.png"
+    save_png((image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), path)
+    return path
+
+
+def test_generate_end_to_end(generator_folder, condition_png, tmp_path, capsys):
+    from focusing.io import load_mesh
+
+    out = tmp_path / "mesh.ply"
+    code = main(["generate", str(condition_png), "-o", str(out), "--checkpoint", str(generator_folder),
+                 "--steps", "2", "--device", "cpu", "--quiet", "--seed", "1"])
+    assert code == 0, capsys.readouterr().err
+    mesh = load_mesh(out)
+    assert len(mesh.faces) > 0 and abs(mesh.vertices).max() <= 0.5 + 1e-3
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_is_deterministic_under_a_seed(generator_folder, condition_png):
+    from focusing.image_to_3d import generate, load_generator, load_image
+
+    gen = load_generator(generator_folder)
+    image = load_image(condition_png)
+    sampler = SamplerConfig(steps=2)
+    a, b = (generate(gen, image, seed=5, structure_sampler=sampler, latent_sampler=sampler) for _ in range(2))
+    c = generate(gen, image, seed=6, structure_sampler=sampler, latent_sampler=sampler)
+    assert (a.vertices == b.vertices).all() and (a.faces == b.faces).all()
+    assert a.vertices.shape != c.vertices.shape or not (a.vertices == c.vertices).all()
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", None])
+def test_generate_bad_image_is_one_line(tmp_path, capsys, generator_folder, content):
+    path = tmp_path / "input.png"
+    if content is not None:
+        path.write_bytes(content)
+    code = main(["generate", str(path), "-o", str(tmp_path / "out.ply"), "--checkpoint", str(generator_folder),
+                 "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and str(path) in err[0]
+    assert ("not a readable image" if content else "no such image file") in err[0]
+    assert not (tmp_path / "out.ply").exists()
+
+
+def test_generate_bad_checkpoint_and_output(tmp_path, capsys, condition_png):
+    (tmp_path / "half").mkdir()
+    code = main(["generate", str(condition_png), "-o", str(tmp_path / "o.ply"), "--checkpoint",
+                 str(tmp_path / "half"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "structure-vae/" in err[0]
+    assert main(["generate", str(condition_png), "-o", str(tmp_path / "o.xyz"), "--quiet"]) == 2
