@@ -80,7 +80,7 @@ PHASES = ("pointnet", "encoder", "carve_depth", "selection", "decoder", "upsampl
 MODULE_PHASES = {"pointnet": "pointnet", "encoder": "encoder", "decoder": "decoder", "upsample": "upsample",
                  "head": "head"}
 CHECKPOINTING = ("config", "none", "blocks", "all")
-POINTNET_CHUNK = 131_072  # points per checkpointed PointNet chunk for --checkpointing all
+POINTNET_CHUNK = 131_072  # default points per checkpointed PointNet chunk of --checkpointing all
 
 
 # ---------------------------------------------------------------------------------------------- phase timing
@@ -208,14 +208,14 @@ def find_mesh(name: str, folders: list[Path], workdir: Path) -> Path:
     raise SystemExit(f"bench_train_step: {name}.ply not found in {', '.join(map(str, folders))} (use --meshes)")
 
 
-def experiment(name: str, checkpointing: str, image: int | None):
+def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk: int = POINTNET_CHUNK):
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
-    config (as written), none, blocks (transformer blocks), all (blocks + PointNet chunks of POINTNET_CHUNK)."""
+    config (as written), none, blocks (transformer blocks), all (blocks + PointNet chunks of `pointnet_chunk`)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
         cfg.model.use_checkpoint = checkpointing in ("blocks", "all")
-        cfg.model.pointnet_chunk = POINTNET_CHUNK if checkpointing == "all" else 0
+        cfg.model.pointnet_chunk = pointnet_chunk if checkpointing == "all" else 0
     if image:
         cfg.views.image_size = image
     return cfg
@@ -310,6 +310,7 @@ def summarise(rows: list[dict]) -> dict:
         "mid": med(r["logs"]["voxels/mid"] for r in rows),
         "full": med(r["logs"]["voxels/full"] for r in rows),
         "triangles": med(r["logs"]["mesh/faces"] for r in rows),
+        "carved": med(r["logs"]["voxels/n_carve"] for r in rows) if "voxels/n_carve" in logs else None,
         "zoomed_steps": sum(int(r["logs"].get("voxels/zoomed_items", 0) > 0) for r in rows),
     }
     return {
@@ -536,7 +537,8 @@ def parse_args(argv):
     ap.add_argument("--configs", default="B,S", help="comma-separated configs/<name>.yaml (or .yaml paths)")
     ap.add_argument("--checkpointing", default="config",
                     help=f"comma-separated variants of {CHECKPOINTING}: config (as the YAML says), none, blocks "
-                    f"(transformer blocks), all (blocks + PointNet in checkpointed chunks of {POINTNET_CHUNK:,} points)")
+                    f"(transformer blocks), all (blocks + PointNet in checkpointed chunks of --pointnet-chunk points)")
+    ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK, help="points per PointNet chunk of 'all'")
     ap.add_argument("--meshes", type=Path, default=None, help="folder of the shared meshes (default: found)")
     ap.add_argument("--names", default=",".join(MESHES), help="comma-separated mesh names")
     ap.add_argument("--resolutions", default="256,512,1024,2048", help="training R ('' = no training cases)")
@@ -562,14 +564,13 @@ def parse_args(argv):
     ap.add_argument("--plot", type=Path, default=None, help="PNG of peak memory against R per mode")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine earlier --json files, no run")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.configs, args.resolutions, args.steps, args.warmup = "tiny", "32,64", 2, 1
-        args.image, args.inference_resolutions = 64, "32,64"
-        args.points = args.points or 4000
-        args.inference_points = args.inference_points or 4000
-        args.inference_names = args.inference_names or f"{QUICK_MESHES[0]},{QUICK_MESHES[1]}_x16"
-        if args.names == ",".join(MESHES):
-            args.names = ",".join(QUICK_MESHES)
+    if args.quick:  # smaller defaults; options given explicitly win
+        quick = {"configs": "tiny", "resolutions": "32,64", "steps": 2, "warmup": 1, "image": 64, "points": 4000,
+                 "inference_resolutions": "32,64", "inference_points": 4000, "names": ",".join(QUICK_MESHES),
+                 "inference_names": f"{QUICK_MESHES[0]},{QUICK_MESHES[1]}_x16"}
+        for key, value in quick.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
     for v in args.checkpointing.split(","):
         if v not in CHECKPOINTING:
             ap.error(f"--checkpointing {v!r}: choose from {', '.join(CHECKPOINTING)}")
@@ -619,7 +620,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         for config_name in args.configs.split(","):
             for ckpt in args.checkpointing.split(","):
-                cfg = experiment(config_name, ckpt, args.image)
+                cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk)
                 torch.manual_seed(args.seed)
                 model = FocusingVAE(cfg.model).to(device).train()
                 points = args.points or cfg.data.points
