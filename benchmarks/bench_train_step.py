@@ -80,7 +80,8 @@ PHASES = ("pointnet", "encoder", "carve_depth", "selection", "decoder", "upsampl
 MODULE_PHASES = {"pointnet": "pointnet", "encoder": "encoder", "decoder": "decoder", "upsample": "upsample",
                  "head": "head"}
 CHECKPOINTING = ("config", "none", "blocks", "all")
-POINTNET_CHUNK = 131_072  # default points per checkpointed PointNet chunk of --checkpointing all
+MIN_STEPS = 3  # measured steps a case keeps when --case-seconds cuts it short
+POINTNET_CHUNK = 65_536  # default points per checkpointed PointNet chunk of --checkpointing all
 
 
 # ---------------------------------------------------------------------------------------------- phase timing
@@ -263,16 +264,20 @@ def _reset_peak(device: torch.device) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- one case
 def measure_case(model, objective, batch, device, *, steps: int, warmup: int, seed: int, first_step: int,
-                 profile: int = 0, trace: Path | None = None) -> dict:
-    """Warm-up, then `steps` timed steps (phase breakdown on each), then optionally one profiled step."""
+                 case_seconds: float | None = None, profile: int = 0, trace: Path | None = None) -> dict:
+    """Warm-up, then `steps` timed steps (phase breakdown on each; fewer, but at least MIN_STEPS, when they take
+    longer than `case_seconds` together), then optionally one profiled step."""
     for i in range(warmup):
         train_step(model, objective, batch, device, seed, i, first_step)
     free_memory(device)
     base = _reset_peak(device)
     timer = PhaseTimer(device)
     rows = []
+    measured_from = time.perf_counter()
     with timer.install(model):
         for i in range(warmup, warmup + steps):
+            if case_seconds and len(rows) >= MIN_STEPS and time.perf_counter() - measured_from > case_seconds:
+                break
             sync(device)
             t0 = time.perf_counter()
             start = timer.mark()
@@ -547,6 +552,8 @@ def parse_args(argv):
     ap.add_argument("--points", type=int, default=None, help="points per mesh (default: the config's data.points)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--case-seconds", type=float, default=None,
+                    help=f"stop measuring a case after this many seconds of steps (keeping >= {MIN_STEPS} steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inference-resolutions", default="512,1024,1536,2048", help="'' = no inference")
     ap.add_argument("--inference-names", default=None, help=f"default: --names + {BIG_MESH}")
@@ -651,6 +658,7 @@ def main(argv=None) -> dict:
                                 row.update(run_case(model, objective, batch, device, steps=args.steps,
                                                     warmup=args.warmup, seed=args.seed,
                                                     first_step=cfg.loss.tsdf_steps,
+                                                    case_seconds=args.case_seconds,
                                                     profile=args.profile_top if args.profile else 0, trace=trace))
                             results["train"].append(row)
                             _print_case(row)
