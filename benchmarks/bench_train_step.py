@@ -161,7 +161,8 @@ class PhaseTimer:
         patches = [
             mock.patch.object(objective_module, "gt_depth_for_carving",
                               self.wrap("carve_depth", objective_module.gt_depth_for_carving)),
-            mock.patch.object(objective_module, "select_voxels", self.wrap("selection", objective_module.select_voxels)),
+            mock.patch.object(objective_module, "select_voxels",
+                              self.wrap("selection", objective_module.select_voxels)),
             mock.patch.object(objective_module, "render_mesh",
                               self.wrap(lambda *a, **k: "render_pred" if torch.is_grad_enabled() else "render_gt",
                                         render)),
@@ -191,8 +192,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def mesh_folders(meshes: Path | None) -> list[Path]:
-    candidates = [meshes] if meshes else [ROOT / "shared" / "data" / "meshes", ROOT.parent / "shared" / "data" / "meshes",
-                                          Path("/work/shared/data/meshes")]
+    shared = Path("shared") / "data" / "meshes"
+    candidates = [meshes] if meshes else [ROOT / shared, ROOT.parent / shared, Path("/work") / shared]
     return [p for p in candidates if p.is_dir()] + [ROOT / "tests" / "data"]
 
 
@@ -566,7 +567,8 @@ def parse_args(argv):
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new case after this")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true",
-                    help="CPU smoke run: tiny config, R = 32/64, 2 meshes, 2 steps, 64^2 images, inference at 32/64")
+                    help="CPU smoke run: tiny config, R = 32/64, 2 meshes, 2 steps, 64^2 images, inference at 32/64, "
+                    "1 thread (2 threads on a shared 2-core box run 100x slower)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="PNG of peak memory against R per mode")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine earlier --json files, no run")
@@ -574,7 +576,7 @@ def parse_args(argv):
     if args.quick:  # smaller defaults; options given explicitly win
         quick = {"configs": "tiny", "resolutions": "32,64", "steps": 2, "warmup": 1, "image": 64, "points": 4000,
                  "inference_resolutions": "32,64", "inference_points": 4000, "names": ",".join(QUICK_MESHES),
-                 "inference_names": f"{QUICK_MESHES[0]},{QUICK_MESHES[1]}_x16"}
+                 "inference_names": f"{QUICK_MESHES[0]},{QUICK_MESHES[1]}_x16", "threads": 1}
         for key, value in quick.items():
             if getattr(args, key) == ap.get_default(key):
                 setattr(args, key, value)
