@@ -7,12 +7,19 @@ fully connected ResNet blocks runs per point; before each block after the first,
 the points of the voxel (`local_pool`, max by default as in ConvONet) and concatenated back to every point. The
 last features are pooled into the voxels (`pool`, mean as in TripoSF's config): `[P, 6] -> [N, C]`. Voxels
 without points get zeros.
+
+Everything is local to a voxel, so the points can be processed in chunks of whole voxels with the same result
+(`chunk_points`): each chunk is checkpointed when gradients are on, so training keeps only the chunk inputs
+(32 bytes per point) instead of every block's per-point activations (measured with 12 points per voxel and
+TripoSF's 1024 / 256 channels, 5 blocks: 42 KB per point in fp32, 32 GiB at 819,200 points, about half under
+bf16 autocast), at the price of recomputing the forward pass, one chunk at a time.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from focusing.sparse.lookup import find_voxels
 
@@ -56,8 +63,10 @@ class LocalPointNet(nn.Module):
         pool: str = "mean",
         local_pool: str = "max",
         use_normals: bool = True,
+        chunk_points: int = 0,
     ):
         super().__init__()
+        self.chunk_points = chunk_points  # points per chunk of whole voxels (0: all at once, see the docstring)
         for name in (pool, local_pool):
             if name not in _REDUCE:
                 raise ValueError(f"pooling must be one of {sorted(_REDUCE)}, got {name!r}")
@@ -83,8 +92,27 @@ class LocalPointNet(nn.Module):
         voxel = voxel[inside]
         offset = 2.0 * ((points[inside] + 0.5) * resolution - (ijk[inside] + 0.5))
         net = torch.cat([offset, normals[inside]], dim=1) if self.use_normals else offset
+        if self.chunk_points <= 0 or len(voxel) <= self.chunk_points:
+            return self._voxel_features(net, voxel, len(coords))
+        order = torch.argsort(voxel, stable=True)
+        voxel, net = voxel[order], net[order]
+        ends = torch.bincount(voxel, minlength=len(coords)).cumsum(0)  # [N] points up to and including voxel i
+        marks = torch.arange(self.chunk_points, len(voxel), self.chunk_points, device=ends.device)
+        bounds = torch.unique(torch.cat([torch.searchsorted(ends, marks) + 1, ends.new_tensor([len(coords)])]))
+        parts, lo, start = [], 0, 0
+        for hi in bounds.tolist():  # chunk: voxels [lo, hi) and their points [start, stop)
+            stop = int(ends[hi - 1])
+            args = (net[start:stop], voxel[start:stop] - lo, hi - lo)
+            grad = torch.is_grad_enabled() and (net.requires_grad or any(p.requires_grad for p in self.parameters()))
+            parts.append(checkpoint(self._voxel_features, *args, use_reentrant=False) if grad
+                         else self._voxel_features(*args))
+            lo, start = hi, stop
+        return torch.cat(parts)
+
+    def _voxel_features(self, net: torch.Tensor, voxel: torch.Tensor, num_voxels: int) -> torch.Tensor:
+        """Point inputs `[P, 6]` with voxel index `[P]` in [0, num_voxels) -> pooled features `[num_voxels, C]`."""
         net = self.blocks[0](self.fc_pos(net))
         for block in self.blocks[1:]:
-            pooled = pool_to_voxels(net, voxel, len(coords), self.local_pool).index_select(0, voxel)
+            pooled = pool_to_voxels(net, voxel, num_voxels, self.local_pool).index_select(0, voxel)
             net = block(torch.cat([net, pooled], dim=1))
-        return pool_to_voxels(self.fc_c(net), voxel, len(coords), self.pool)
+        return pool_to_voxels(self.fc_c(net), voxel, num_voxels, self.pool)

@@ -57,6 +57,7 @@ class VAEConfig:
     upsample_channels: tuple[int, int] = (192, 96)
     upsample_res_blocks: int = 1
     use_checkpoint: bool = False  # gradient checkpointing of the transformer blocks
+    pointnet_chunk: int = 0  # points per checkpointed PointNet chunk of whole voxels (0: one pass; same result)
     freeze_pointnet: bool = False  # keep the PointNet fixed (e.g. after pre-training it with the rest)
     resolution: int = 1024  # output resolution the model is trained for (the default of `reconstruct`)
 
@@ -149,7 +150,8 @@ class FocusingVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = c = config
-        self.pointnet = LocalPointNet(c.pointnet_channels, c.pointnet_hidden, c.pointnet_blocks)
+        self.pointnet = LocalPointNet(c.pointnet_channels, c.pointnet_hidden, c.pointnet_blocks,
+                                      chunk_points=c.pointnet_chunk)
         common = dict(
             mlp_ratio=c.mlp_ratio, window_size=c.window_size, use_checkpoint=c.use_checkpoint,
             qk_rms_norm=c.qk_rms_norm, pos_embedding=c.pos_embedding,

@@ -227,7 +227,8 @@ def random_cameras(n: int, *, radius: float = 2.0, fov_deg: float = 40.0, resolu
     resolution: int (square) or (height, width); fov_deg is the vertical field of view.
     """
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
-    eye = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    eye = torch.randn(n, 3, generator=generator, dtype=torch.float64,
+                      device=generator.device if generator is not None else None)
     eye = (_normalize(eye) * radius).to(dtype=dtype, device=device)
     view = look_at(eye, torch.zeros_like(eye))
     proj = perspective(fov_deg, width / height, near, far, dtype=dtype, device=device).expand(n, 4, 4)

@@ -63,7 +63,8 @@ class StepResult:
 
 def _uniform(lo_hi: tuple[float, float], generator: torch.Generator | None) -> float:
     lo, hi = lo_hi
-    return lo + (hi - lo) * float(torch.rand((), generator=generator))
+    device = generator.device if generator is not None else None  # the trainer's generator is on the GPU
+    return lo + (hi - lo) * float(torch.rand((), generator=generator, device=device))
 
 
 def _cat_renders(outs: list[RenderOutput]) -> RenderOutput:
