@@ -61,6 +61,7 @@ def test_sharded_save_load_without_pickle(tmp_path):
     shards = [f for f in files if f.suffix == ".safetensors"]
     assert 3 <= len(shards) <= 4  # 23 KB in 8 KB files: the 20 KB tensor is split across file boundaries
     assert all(f.stat().st_size <= limit for f in shards)
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in files)  # plain permissions, not a temp file's 0600
     assert total == sum(f.stat().st_size for f in files)
     assert_no_pickle(tmp_path)
     back, meta = load_checkpoint(tmp_path)
@@ -89,7 +90,7 @@ def test_atomic_swap_keeps_only_the_latest(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(ckpt, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(target, {"w": torch.full((4,), 3.0)}, {"step": 3})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no temporary folder left behind

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from focusing.errors import FocusingError, InputError
 
@@ -123,8 +123,9 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], stem: str, shar
                                                               for i in range(len(shards))]
     for file, (_, members) in zip(files, shards):
         path = folder / file
-        save_file(members, str(path))
-        with open(path, "rb") as f:
+        with open(path, "wb") as f:  # serialised in memory: save_file would leave a 0600 file of its own temp
+            f.write(save(members))
+            f.flush()
             os.fsync(f.fileno())
         if path.stat().st_size > shard_bytes:
             raise RuntimeError(f"{path}: {path.stat().st_size} bytes exceeds the shard size {shard_bytes}")
