@@ -57,6 +57,14 @@ def _tree(folder: str) -> set[Path]:
 
 # (command line with {placeholders}, exit code, fragment of the one line, needs: "cuda-less" / "ro" / None)
 CASES = [
+    # the VAE commands share the same checks
+    ("train --config configs/tiny.yaml --out {tmp}/t --max-minutes 0", 2, "must be positive", None),
+    ("train --config configs/tiny.yaml --out {tmp}/t --device cuda", 2, "CUDA is not available", "cuda-less"),
+    ("train --config {tmp}/none.yaml --out {tmp}/t", 1, "no such config file", None),
+    ("reconstruct {mesh} -o {tmp}/x.xyz", 2, "cannot save this format", None),
+    ("reconstruct {mesh} -o {tmp}/x.ply --points 0", 2, "must be a positive integer", None),
+    ("encode {mesh} -o {tmp}/z.ply", 2, "z.ply", None),
+    ("decode {tmp}/none.safetensors -o {tmp}/x.ply --device cuda", 2, "CUDA is not available", "cuda-less"),
     # --device, resolved where the arguments are parsed
     ("render {mesh} --out {tmp}/r --device cuda", 2, "CUDA is not available", "cuda-less"),
     ("render {mesh} --out {tmp}/r --device gpu0", 2, "unknown device 'gpu0'", None),
