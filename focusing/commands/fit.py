@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and zoomed-in views, starting from the corner TSDF; then exports the extracted mesh. Open surfaces stay "
         "open. The result is in the input's units unless --normalized. This is also the upper bound of what the "
         "VAE's decoder can express at R. Defaults follow the device: on a GPU 400 steps of 4 views at 512 px "
-        "(R = 256: about 25-45 s on an H200); on a CPU 200 steps of 2 views at 2R px (128..512), meant to finish "
+        "(R = 256: about 25-45 s on an H200); on a CPU 130 steps of 2 views at 2R px (128..512), meant to finish "
         "R = 128 in about 2 minutes on 2 idle cores (R = 256 takes several times longer). Faces may be wound "
         "either way; open sheets and parts thinner than a voxel are recovered.",
     )
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", "-r", type=int_at_least(4), required=True,
                    help="SparseFlex grid resolution R, at least 4 (e.g. 256)")
     p.add_argument("--steps", type=non_negative_int, default=None,
-                   help="optimisation steps (default: 400 on a GPU, 200 on a CPU; 0 exports the starting field)")
+                   help="optimisation steps (default: 400 on a GPU, 130 on a CPU; 0 exports the starting field)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="render size in pixels (default: 512 on a GPU, 2R clamped to 128..512 on a CPU)")
     p.add_argument("--views", type=positive_int, default=None,
