@@ -31,7 +31,7 @@ from focusing.errors import FocusingError, InputError
 from focusing.io.atomic import atomic_path
 from focusing.io.mesh import Mesh, Normalization, normalize
 from focusing.models.vae import LATENT_FACTOR, DecoderOutput, FocusingVAE, VAEConfig
-from focusing.sparse.tensor import SparseTensor
+from focusing.sparse.tensor import SparseTensor, sort_coords
 
 HALO = 2  # latent voxels around a tile's core (>= the 1.5-voxel reach of the upsamplers, see the docstring)
 DEFAULT_TILE = 64  # latent voxels per tile side (256 output voxels)
@@ -131,16 +131,10 @@ def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT
         core = ((parent >= lo) & (parent < lo + tile)).all(1)
         parts.append((out, core))
     coords = torch.cat([o.coords[k] for o, k in parts])
-    order = torch.argsort(_keys(coords))
+    order = sort_coords(coords)
     fields = {name: torch.cat([getattr(o, name)[k] for o, k in parts])[order]
               for name in ("sdf", "deform", "alpha", "beta", "gamma")}
     return DecoderOutput(coords[order], z.resolution * LATENT_FACTOR, **fields)
-
-
-def _keys(coords: torch.Tensor) -> torch.Tensor:
-    from focusing.data.grid import linearize
-
-    return linearize(coords, int(coords[:, 1:].max()) + 1 if len(coords) else 1)
 
 
 @torch.no_grad()

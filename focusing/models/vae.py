@@ -229,5 +229,6 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
