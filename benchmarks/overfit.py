@@ -41,6 +41,14 @@ def evaluate(model, gt, resolution: int, points: int) -> dict:
     return out
 
 
+def write(path: str | None, result: dict) -> None:
+    """Write the result JSON atomically (temporary name, then rename), when a path is given."""
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -52,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=None, help="encoder points (default: the config's data.points)")
     p.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     p.add_argument("--fit", action="store_true", help="also run `fit` at R on the mesh (its default settings)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new block of --eval-every steps after this (the JSON is written after each eval)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -75,25 +85,27 @@ def main(argv=None) -> int:
     model = build_model(cfg).to(device)
     objective = build_objective(cfg)
     rows = []
+    result = {"config": args.config, "mesh": args.mesh, "resolution": R, "device": str(device),
+              "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "overrides": args.set, "rows": rows}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model, objective,
             lambda res, rank, world, start: build_source(cfg, res, rank, world, device, start),
             cfg.train, out, experiment_config=to_dict(cfg), dist=Distributed(device=device), progress=False,
         )
-        seconds, step = 0.0, 0
+        seconds, step, started = 0.0, 0, time.perf_counter()
         rows.append({"step": 0, "train_seconds": 0.0, **evaluate(model, gt, R, cfg.data.points)})
         print(f"step {0:6d}  {0.0:8.1f} s  F {rows[-1]['fscore']:.4f}  CD {rows[-1]['chamfer']:.3e}", flush=True)
-        while step < args.steps:
+        while step < args.steps and (args.max_minutes is None or
+                                     time.perf_counter() - started < 60 * args.max_minutes):
             t0 = time.perf_counter()
             step = trainer.run(resume=step > 0, max_steps=args.eval_every).step
             seconds += time.perf_counter() - t0
             rows.append({"step": step, "train_seconds": seconds, **evaluate(model, gt, R, cfg.data.points)})
             print(f"step {step:6d}  {seconds:8.1f} s  F {rows[-1]['fscore']:.4f}  CD {rows[-1]['chamfer']:.3e}",
                   flush=True)
-    result = {"config": args.config, "mesh": args.mesh, "resolution": R, "device": str(device),
-              "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+            write(args.json, result)
     if args.fit:
         from focusing.eval.metrics import surface_metrics
         from focusing.sparseflex.fit import fit_mesh
@@ -112,8 +124,7 @@ def main(argv=None) -> int:
         f = result["fit"]
         print(f"| fit | {f['seconds']:.0f} | {f['fscore']:.4f} | {f['chamfer'] * 1e5:.2f} | "
               f"{f['normal_consistency']:.3f} | |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write(args.json, result)
     return 0
 
 
