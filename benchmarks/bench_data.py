@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's `focusing`, also without `pip i
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-STAGES = ("decode", "augment", "sample", "pyramid")
+STAGES = ("decode", "augment", "sample", "pyramid", "tsdf")
 
 
 def _sync(device: torch.device) -> None:
@@ -36,9 +36,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_stages(corpus, index: int, resolution: int, points: int, device: torch.device, key) -> dict:
-    """Seconds per stage of building one sample, and its voxel / face counts."""
-    from focusing.data.online import AugmentConfig, _generator, _seeds, augment_mesh, sample_surface_torch
+def time_stages(corpus, index: int, resolution: int, points: int, device: torch.device, key,
+                tsdf: float | None = None) -> dict:
+    """Seconds per stage of building one sample, and its voxel / face counts. tsdf: the truncation (voxels) of
+    the warm-up's corner TSDF of the R-level voxels (`corner_targets`); None = not timed (0)."""
+    from focusing.data.online import (AugmentConfig, _generator, _seeds, augment_mesh, corner_targets,
+                                      sample_surface_torch)
     from focusing.data.voxelize import voxel_pyramid
 
     seconds = {}
@@ -59,6 +62,11 @@ def time_stages(corpus, index: int, resolution: int, points: int, device: torch.
     pyramid = voxel_pyramid(mesh, resolution, device=device)
     _sync(device)
     seconds["pyramid"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if tsdf is not None:
+        corner_targets(mesh, pyramid[resolution], resolution, tsdf)
+        _sync(device)
+    seconds["tsdf"] = time.perf_counter() - t if tsdf is not None else 0.0
     return {"seconds": seconds, "faces": len(mesh.faces), "voxels": len(pyramid[resolution])}
 
 
@@ -68,8 +76,9 @@ def stage_table(args, corpus, device) -> list[dict]:
     for resolution in args.resolutions:
         for points in args.points:
             for _ in range(2):
-                time_stages(corpus, int(picks[0]), resolution, points, device, (0, 0))
-            runs = [time_stages(corpus, int(i), resolution, points, device, (0, n)) for n, i in enumerate(picks)]
+                time_stages(corpus, int(picks[0]), resolution, points, device, (0, 0), args.tsdf)
+            runs = [time_stages(corpus, int(i), resolution, points, device, (0, n), args.tsdf)
+                    for n, i in enumerate(picks)]
             row = {"resolution": resolution, "points": points, "samples": len(runs),
                    "median_faces": int(statistics.median(r["faces"] for r in runs)),
                    "mean_voxels": int(statistics.fmean(r["voxels"] for r in runs))}
@@ -139,6 +148,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per overlap mode")
     parser.add_argument("--step-ms", type=float, default=500.0, help="duration of the stand-in training step")
     parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--tsdf", type=float, default=None, metavar="VOXELS",
+                        help="also time the warm-up's corner TSDF truncated at VOXELS (the S config: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -151,9 +162,9 @@ def main() -> None:
     rows = stage_table(args, corpus, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\n{name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, corpus {len(corpus)} meshes")
-    print("| R | P | meshes | median faces | mean voxels (R) | decode ms | augment ms | sample ms | pyramid ms "
-          "| total ms | max ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| R | P | meshes | median faces | mean voxels (R) | " + " | ".join(f"{s} ms" for s in STAGES)
+          + " | total ms | max ms |")
+    print("|---:" * (7 + len(STAGES)) + "|")
     for r in rows:
         print(f"| {r['resolution']} | {r['points']:,} | {r['samples']} | {r['median_faces']:,} | {r['mean_voxels']:,} | "
               + " | ".join(f"{r[f'{s}_ms']:.1f}" for s in STAGES) + f" | **{r['total_ms']:.1f}** | {r['max_total_ms']:.1f} |")

@@ -23,7 +23,7 @@ class CudaSource(RegressionSource):
 
 def make(tmp_path, cfg, seed=0):
     torch.manual_seed(seed)
-    factory = lambda r, rank, world: CudaSource(r, rank, world, batch_size=cfg.batch_size)  # noqa: E731
+    factory = lambda r, rank, world, start: CudaSource(r, rank, world, batch_size=cfg.batch_size)  # noqa: E731
     return Trainer(TinyRegressor(TinyConfig(dropout=0.1)), MSEObjective(), factory, cfg, tmp_path,
                    experiment_config={}, dist=Distributed(device=torch.device("cuda")), progress=False)
 

@@ -15,7 +15,7 @@ from focusing.train.trainer import Trainer, learning_rate
 
 from train_helpers import MSEObjective, TinyConfig, TinyRegressor, source_factory, train_config
 
-TIMING = {"step_time", "steps_per_s", "samples_per_s"}
+TIMING = {"step_time", "data_wait", "steps_per_s", "samples_per_s"}
 
 
 def make_trainer(tmp_path, cfg, objective=None, seed=0, dropout=0.1, **source_kw):

@@ -16,7 +16,8 @@ files in OUT (default runs/<config name>):
   checkpoint/       the latest checkpoint only (checkpoint.json + tensors-*.safetensors, at most 16 MiB each by
                     default), replaced atomically every train.checkpoint_every steps and at the end
   metrics.jsonl     one JSON record every train.log_every steps: every loss term the objective logs, loss,
-                    grad_norm, lr, step_time, steps_per_s, samples_per_s, resolution, peak_memory_gib (CUDA)
+                    grad_norm, lr, step_time, data_wait (s a step waited for its batch), steps_per_s, samples_per_s,
+                    resolution, peak_memory_gib (CUDA)
   images/           step-NNNNNNN.png grids of the objective's images every train.image_every steps
   tensorboard/      the same scalars and images for TensorBoard, when the optional extra is installed
                     (pip install 'focusing[tensorboard]'; then: tensorboard --logdir OUT)

@@ -96,7 +96,7 @@ class Trainer:
         self.train_seconds = 0.0  # wall time of earlier runs of this training (resumed from the checkpoint)
         self._sums: dict[str, Any] = {}
         self._count = 0
-        self._interval = {"steps": 0, "seconds": 0.0, "started": time.perf_counter()}
+        self._interval = {"steps": 0, "seconds": 0.0, "data_seconds": 0.0, "started": time.perf_counter()}
         self._save_seconds: float | None = None
         self._longest_step = 0.0
         self._warm = False
@@ -199,7 +199,9 @@ class Trainer:
         lr = learning_rate(self.cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        waited = time.perf_counter()
         batch = self.source.next_batch()
+        self._interval["data_seconds"] += time.perf_counter() - waited
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             result = self.objective(self.model, batch, step=self.step, generator=self.generator,
@@ -259,6 +261,7 @@ class Trainer:
         record.update({
             "lr": learning_rate(self.cfg, self.step - 1),
             "step_time": interval["seconds"] / max(interval["steps"], 1),
+            "data_wait": interval["data_seconds"] / max(interval["steps"], 1),
             "steps_per_s": interval["steps"] / wall,
             "samples_per_s": interval["steps"] * self.cfg.batch_size * self.dist.world_size / wall,
             "resolution": float(self.cfg.stage_plan()[self.stage][1]),
@@ -267,7 +270,7 @@ class Trainer:
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._sums, self._count = {}, 0
-        self._interval = {"steps": 0, "seconds": 0.0, "started": now}
+        self._interval = {"steps": 0, "seconds": 0.0, "data_seconds": 0.0, "started": now}
         return record
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
