@@ -51,14 +51,16 @@ def _camera_rows(coords: Tensor, camera: Camera) -> Tensor:
 
 
 def _clip(coords: Tensor, resolution: int, camera: Camera, offset: Tensor | float = 0.5) -> tuple[Tensor, Tensor]:
-    """Points (ijk + offset) / R - 0.5 of voxels `coords` [N, 4] in clip space [N, 4] through camera row
-    coords[:, 0], and their depth [N]. offset 0.5: the centres; a `CORNER_OFFSETS` row: that corner."""
+    """Points (ijk + offset) / R - 0.5 of voxels `coords` [N, 4] in clip space through camera row coords[:, 0],
+    and their depth. offset 0.5: the centres -> ([N, 4], [N]); offsets [K, 3] (e.g. `CORNER_OFFSETS`): every
+    voxel at each offset -> ([K, N, 4], [K, N])."""
     b = _camera_rows(coords, camera)
     xyz = coords[:, 1:].to(device=camera.device, dtype=camera.dtype)
-    points = (xyz + torch.as_tensor(offset, dtype=camera.dtype, device=camera.device)) / resolution - 0.5
-    homo = torch.cat([points, torch.ones_like(points[:, :1])], 1)
-    clip = torch.einsum("nij,nj->ni", camera.mvp()[b], homo)
-    depth = -(camera.view[b, 2] * homo).sum(1)
+    offset = torch.as_tensor(offset, dtype=camera.dtype, device=camera.device)
+    points = (xyz + (offset[..., None, :] if offset.dim() == 2 else offset)) / resolution - 0.5
+    homo = torch.cat([points, torch.ones_like(points[..., :1])], -1)
+    clip = torch.einsum("nij,...nj->...ni", camera.mvp()[b], homo)
+    depth = -(camera.view[b, 2] * homo).sum(-1)
     return clip, depth
 
 
@@ -73,8 +75,9 @@ def project_centers(coords: Tensor, resolution: int, camera: Camera) -> tuple[Te
 
 
 def _in_image(clip: Tensor) -> Tensor:
-    """[N] bool: clip-space points in front of the near plane (w > 0, z_ndc >= -1) with |x|, |y| <= 1 in NDC."""
-    x, y, z, w = clip.unbind(1)
+    """[...] bool: clip-space points [..., 4] in front of the near plane (w > 0, z_ndc >= -1) with |x|, |y| <= 1
+    in NDC."""
+    x, y, z, w = clip.unbind(-1)
     return (w > 0) & (z + w >= 0) & (x.abs() <= w) & (y.abs() <= w)
 
 
@@ -85,23 +88,22 @@ def visible_in_image(coords: Tensor, resolution: int, camera: Camera) -> Tensor:
 
 def dilate_within(coords: Tensor, resolution: int, keep: Tensor, radius: int = 1) -> Tensor:
     """[N] bool: `keep` [N] plus every voxel of `coords` [N, 4] within `radius` (Chebyshev) of a kept voxel of the
-    same batch item. One sort of the keys, then (2 radius + 1)^3 `searchsorted` passes over the kept voxels."""
-    if radius <= 0 or not bool(keep.any()):
+    same batch item. One sort of the keys and one `searchsorted` of all (2 radius + 1)^3 neighbours of the kept
+    voxels (one host sync, for the kept count)."""
+    if radius <= 0:
         return keep.clone()
     extent = resolution + 2 * radius  # shifted by `radius`, so neighbours outside the grid keep valid keys
     keys = linearize(coords.to(torch.int64) + torch.tensor([0, radius, radius, radius], device=coords.device),
                      extent)
     ref, order = torch.sort(keys)
-    kept = keys[keep]
-    out = keep.clone()
-    steps = range(-radius, radius + 1)
-    for dx in steps:
-        for dy in steps:
-            for dz in steps:
-                query = kept + ((dx * extent + dy) * extent + dz)
-                pos = torch.searchsorted(ref, query).clamp_(max=len(ref) - 1)
-                out[order[pos[ref[pos] == query]]] = True
-    return out
+    steps = torch.arange(-radius, radius + 1, device=coords.device)
+    dx, dy, dz = torch.meshgrid(steps, steps, steps, indexing="ij")
+    query = (keys[keep][:, None] + ((dx * extent + dy) * extent + dz).reshape(1, -1)).reshape(-1)
+    pos = torch.searchsorted(ref, query).clamp_(max=max(len(ref) - 1, 0))
+    hits = torch.zeros(len(coords), dtype=torch.int32, device=coords.device)
+    if len(query):
+        hits.index_add_(0, order[pos], (ref[pos] == query).to(torch.int32))
+    return keep | (hits > 0)
 
 
 def carve(coords: Tensor, resolution: int, camera: Camera, depth_map: Tensor, r: float, *,
@@ -125,18 +127,16 @@ def carve(coords: Tensor, resolution: int, camera: Camera, depth_map: Tensor, r:
     """
     b = _camera_rows(coords, camera)
     depth_map = depth_map.to(device=camera.device, dtype=camera.dtype)
-    keep = torch.zeros(len(coords), dtype=torch.bool, device=camera.device)
-    offsets = [0.5] + (list(CORNER_OFFSETS.to(camera.dtype)) if corners else [])
-    for offset in offsets:
-        clip, depth = _clip(coords, resolution, camera, offset)
-        inside = _in_image(clip)
-        w = torch.where(inside, clip[:, 3], torch.ones_like(clip[:, 3]))
-        uv = ndc_to_pixel(torch.where(inside[:, None], clip[:, :2] / w[:, None], torch.zeros_like(clip[:, :2])),
-                          camera.height, camera.width)
-        col = uv[:, 0].floor().long().clamp_(0, camera.width - 1)
-        row = uv[:, 1].floor().long().clamp_(0, camera.height - 1)
-        keep |= inside & (depth <= depth_map[b, row, col] + r)
-    keep = keep.to(coords.device)
+    centre = torch.full((1, 3), 0.5, dtype=camera.dtype, device=camera.device)
+    offsets = torch.cat([centre, CORNER_OFFSETS.to(centre)]) if corners else centre
+    clip, depth = _clip(coords, resolution, camera, offsets)  # [K, N, 4], [K, N]: every point at once
+    inside = _in_image(clip)
+    w = torch.where(inside, clip[..., 3], torch.ones_like(clip[..., 3]))
+    uv = ndc_to_pixel(torch.where(inside[..., None], clip[..., :2] / w[..., None], torch.zeros_like(clip[..., :2])),
+                      camera.height, camera.width)
+    col = uv[..., 0].floor().long().clamp_(0, camera.width - 1)
+    row = uv[..., 1].floor().long().clamp_(0, camera.height - 1)
+    keep = (inside & (depth <= depth_map[b, row, col] + r)).any(0).to(coords.device)
     return dilate_within(coords, resolution, keep) if dilate else keep
 
 

@@ -342,3 +342,16 @@ def test_dilate_within_stays_in_coords_and_batch_item():
     sparse = coords[::3]  # neighbours that are not in `coords` are not invented
     grown = carving.dilate_within(sparse, 6, (sparse == torch.tensor([0, 2, 3, 3], dtype=torch.int32)).all(1))
     assert 1 < int(grown.sum()) < 27 and ((sparse[grown, 1:] - torch.tensor([2, 3, 3])).abs().amax(1) <= 1).all()
+
+
+@pytest.mark.parametrize("radius", [1, 2])
+def test_dilate_within_matches_brute_force(radius):
+    g = torch.Generator().manual_seed(radius)
+    coords = torch.unique(torch.cat([torch.randint(0, 2, (400, 1), generator=g),
+                                     torch.randint(0, 10, (400, 3), generator=g)], 1).int(), dim=0)
+    keep = torch.rand(len(coords), generator=g) < 0.1
+    same_item = coords[:, None, 0] == coords[None, keep, 0]
+    near = (coords[:, None, 1:] - coords[None, keep, 1:]).abs().amax(-1) <= radius
+    expected = keep | (same_item & near).any(1)
+    assert torch.equal(carving.dilate_within(coords, 10, keep, radius), expected)
+    assert torch.equal(carving.dilate_within(coords, 10, torch.zeros_like(keep), radius), torch.zeros_like(keep))
