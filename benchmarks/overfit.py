@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=None, help="encoder points (default: the config's data.points)")
     p.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
     p.add_argument("--fit", action="store_true", help="also run `fit` at R on the mesh (its default settings)")
+    p.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start from these weights (an exported folder or a checkpoint), e.g. with "
+                        "--set model.freeze_pointnet=true to train the rest around a pre-trained PointNet")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new block of --eval-every steps after this (the JSON is written after each eval)")
     p.add_argument("--json", default=None)
@@ -82,12 +85,19 @@ def main(argv=None) -> int:
     cfg = load_experiment(args.config, overrides)
     gt, _ = normalize(load_mesh(args.mesh), args.mesh)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if args.init_from:
+        from focusing.train.checkpoint import load_state_dict_strict, load_weights
+
+        state, _ = load_weights(args.init_from)
+        load_state_dict_strict(model, state, args.init_from)
+    model = model.to(device)
     objective = build_objective(cfg)
     rows = []
     result = {"config": args.config, "mesh": args.mesh, "resolution": R, "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "overrides": args.set, "rows": rows}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "overrides": args.set,
+              "init_from": args.init_from, "rows": rows}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model, objective,
