@@ -59,7 +59,7 @@ def plot(rows: list[dict], lines: dict[str, float], out: Path, size=(720, 440)) 
             d.line(points, fill=colour, width=2)
         for x, y in points:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        d.text((left + 8, top + 6 + 14 * k), label, fill=colour)
+        d.text((w - right - 70, h - bottom - 48 + 14 * k), label, fill=colour)  # legend, bottom right
     tmp = out.with_suffix(".tmp.png")
     image.save(tmp)
     tmp.replace(out)
