@@ -19,7 +19,6 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -42,11 +41,11 @@ def evaluate(model, gt, resolution: int, points: int) -> dict:
 
 
 def write(path: str | None, result: dict) -> None:
-    """Write the result JSON atomically (temporary name, then rename), when a path is given."""
+    """Write the result JSON atomically, when a path is given."""
+    from focusing.io.atomic import write_text_atomic
+
     if path:
-        tmp = Path(f"{path}.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(result, indent=1))
 
 
 def main(argv=None) -> int:

@@ -12,9 +12,14 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `focusing`
+
+from focusing.io.atomic import atomic_path  # noqa: E402
 
 SERIES = (("fscore", "F@0.005", (31, 119, 180)), ("fscore_fine", "F@0.002", (255, 127, 14)),
           ("normal_consistency", "NC", (44, 160, 44)))
@@ -60,9 +65,8 @@ def plot(rows: list[dict], lines: dict[str, float], out: Path, size=(720, 440)) 
         for x, y in points:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         d.text((w - right - 70, h - bottom - 48 + 14 * k), label, fill=colour)  # legend, bottom right
-    tmp = out.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        image.save(tmp)
 
 
 def main(argv=None) -> int:
