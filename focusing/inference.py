@@ -10,7 +10,11 @@ back in the input's units), sampled into oriented points (819,200 by default, th
 exactly at R / 4; the encoder's posterior mean is the latent. Nothing is carved at inference: the decoder
 transformer runs on the whole latent, then the upsamplers (pruning by their occupancy logits) and the
 SparseFlex head run tile by tile (`decode_tiled`): cubes of `tile` latent voxels with a halo of `HALO` latent
-voxels, keeping from each tile only the output voxels whose latent parent lies in its core. The upsamplers'
+voxels, keeping from each tile only the output voxels whose latent parent lies in its core. The upsamplers keep
+the children whose occupancy logit exceeds `keep_logit` (default `KEEP_LOGIT` = 0, p > 0.5). The voxels they miss
+leave pinholes (focusing-S step 3674 on the bunny at 256: 16,760 boundary edges); -1 (p > 0.27) closes most of
+them (2,620) but adds stray surface on thin, open and many-part shapes, and scored lower on the validation
+meshes (docs/TRAINING.md). The upsamplers'
 convolutions reach 1.5 latent voxels, so a halo of 2 makes tiled decoding exactly equal to untiled decoding
 while bounding the memory of the fine levels. The mesh is extracted once over all output voxels.
 The model is local (window position embedding), so any R that is a multiple of 4 works, also above the one
@@ -35,6 +39,7 @@ from focusing.sparse.tensor import SparseTensor, sort_coords
 
 HALO = 2  # latent voxels around a tile's core (>= the 1.5-voxel reach of the upsamplers, see the docstring)
 DEFAULT_TILE = 64  # latent voxels per tile side (256 output voxels)
+KEEP_LOGIT = 0.0  # an upsampler keeps the children whose occupancy logit exceeds this at inference (see above)
 LATENT_KEY = "focusing_latent"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "focusing-s"
 """The shipped checkpoint folder of a source checkout / editable install (used when no checkpoint is given)."""
@@ -106,17 +111,18 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT_TILE) -> DecoderOutput:
-    """Decode the whole latent `z` (inference: children pruned by the occupancy logits), the fine levels tile by
-    tile (see the module docstring); tile None or >= the grid: in one piece. Returns the per-voxel SparseFlex
-    parameters at R = 4 x latent (sorted coords; `upsample` is left empty)."""
+def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT_TILE,
+                 keep_logit: float = KEEP_LOGIT) -> DecoderOutput:
+    """Decode the whole latent `z` (inference: children kept where their occupancy logit > `keep_logit`), the
+    fine levels tile by tile (see the module docstring); tile None or >= the grid: in one piece. Returns the
+    per-voxel SparseFlex parameters at R = 4 x latent (sorted coords; `upsample` is left empty)."""
     device = z.device
     with _autocast(device):
         h = model.decode_features(z)
     extent = h.spatial_extent
     if tile is None or tile >= extent:
         with _autocast(device):
-            out = model.decode_head(h)
+            out = model.decode_head(h, keep_logit=keep_logit)
         return out
     cell = torch.div(h.coords[:, 1:], tile, rounding_mode="floor")
     cells = torch.unique(torch.cat([h.coords[:, :1], cell], 1), dim=0)
@@ -126,7 +132,7 @@ def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT
         xyz = h.coords[:, 1:]
         in_halo = (h.coords[:, 0] == c[0]) & ((xyz >= lo - HALO) & (xyz < lo + tile + HALO)).all(1)
         with _autocast(device):
-            out = model.decode_head(h.select(in_halo))
+            out = model.decode_head(h.select(in_halo), keep_logit=keep_logit)
         parent = torch.div(out.coords[:, 1:], LATENT_FACTOR, rounding_mode="floor")
         core = ((parent >= lo) & (parent < lo + tile)).all(1)
         parts.append((out, core))
@@ -139,14 +145,14 @@ def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT
 
 @torch.no_grad()
 def decode_latent(model: FocusingVAE, latent: Latent, *, tile: int | None = DEFAULT_TILE,
-                  normalized: bool = False) -> Mesh:
+                  keep_logit: float = KEEP_LOGIT, normalized: bool = False) -> Mesh:
     """The mesh of `latent` at R = 4 x its grid, in the input's units (or the normalised frame)."""
     channels = latent.z.feats.shape[1]
     if channels != model.config.latent_channels:
         raise FocusingError(f"the latent has {channels} channels, the checkpoint's decoder takes "
                             f"{model.config.latent_channels}")
     z = latent.z.to(_device_of(model))
-    res = decode_tiled(model, z, tile).mesh(training=False)
+    res = decode_tiled(model, z, tile, keep_logit).mesh(training=False)
     if len(res.faces) == 0:
         raise FocusingError("the decoder produced no surface (empty mesh): the latent holds no occupied voxels "
                             "the checkpoint decodes")
@@ -157,11 +163,11 @@ def decode_latent(model: FocusingVAE, latent: Latent, *, tile: int | None = DEFA
 
 
 def reconstruct_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *, points: int = DEFAULT_POINTS,
-                     seed: int = 0, tile: int | None = DEFAULT_TILE, normalized: bool = False,
-                     path: str | os.PathLike = "<mesh>") -> Mesh:
+                     seed: int = 0, tile: int | None = DEFAULT_TILE, keep_logit: float = KEEP_LOGIT,
+                     normalized: bool = False, path: str | os.PathLike = "<mesh>") -> Mesh:
     """Encode then decode `mesh` at R (the VAE's reconstruction), in the input's units unless `normalized`."""
     latent = encode_mesh(model, mesh, resolution, points=points, seed=seed, path=path)
-    return decode_latent(model, latent, tile=tile, normalized=normalized)
+    return decode_latent(model, latent, tile=tile, keep_logit=keep_logit, normalized=normalized)
 
 
 def save_latent(latent: Latent, path: str | os.PathLike) -> None:

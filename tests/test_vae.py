@@ -118,6 +118,23 @@ def test_tiled_decoding_equals_untiled(shape):
     assert torch.equal(a.faces, b.faces) and torch.allclose(a.vertices, b.vertices, atol=1e-9)
 
 
+def test_inference_keeps_children_above_keep_logit(shape):
+    """At inference each upsampler keeps exactly the children whose logit exceeds `keep_logit`; the first level's
+    logits do not depend on it (same parents), so -1 keeps a strict superset of what 0 keeps there."""
+    model = _model(seed=3).double().eval()
+    latent = shape["levels"][0]
+    z = model.encode(shape["points"].double(), shape["normals"].double(), None, latent, shape["R"] // 4).mean
+    strict, loose = model.decode(z, keep_logit=0.0), model.decode(z, keep_logit=-1.0)
+    for out, k in ((strict, 0.0), (loose, -1.0)):
+        for up in out.upsample:
+            assert torch.equal(up.keep, up.logits > k)
+    a, b = strict.upsample[0], loose.upsample[0]
+    assert torch.equal(a.logits, b.logits)
+    assert (b.keep >= a.keep).all() and b.keep.sum() > a.keep.sum()
+    assert 0 < len(strict.coords) < len(loose.coords)
+    assert torch.equal(decode_tiled(model, z, tile=None, keep_logit=-1.0).coords, loose.coords)
+
+
 def test_encode_decode_round_trip_through_a_file(shape, data_dir, tmp_path):
     model = _model().eval()
     raw = load_mesh(data_dir / "fandisk.ply")

@@ -35,6 +35,9 @@ def test_reconstruct_encode_decode(weights, data_dir, tmp_path, capsys):
                  "--device", "cpu", "--tile", "3"]) == 0
     dec = load_mesh(tmp_path / "dec.ply")
     assert len(dec.faces) == len(rec.faces)  # same seed and points: the same mesh, tiled or not
+    assert main(["decode", str(latent), "-o", str(tmp_path / "dec_loose.ply"), "--checkpoint", str(weights),
+                 "--device", "cpu", "--keep-logit", "-1"]) == 0
+    assert 0 < len(load_mesh(tmp_path / "dec_loose.ply").faces) != len(dec.faces)  # p > 0.27 keeps more voxels
     assert "latent voxels" in capsys.readouterr().out
 
 

@@ -33,14 +33,19 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=non_negative_int, default=None,
                    help="latent voxels per tile side for the fine levels (default 64, i.e. 256 output voxels; "
                    "0: no tiling)")
+    p.add_argument("--keep-logit", type=float, default=None,
+                   help="the upsamplers keep the children whose occupancy logit exceeds this (default 0, i.e. "
+                   "p > 0.5; -1 closes most pinholes but adds stray surface on thin and many-part shapes)")
     p.add_argument("--normalized", action="store_true", help="write the mesh in the [-0.5, 0.5]^3 frame")
 
 
 def load_model(args: argparse.Namespace):
-    from focusing.inference import DEFAULT_TILE, load_vae
+    from focusing.inference import DEFAULT_TILE, KEEP_LOGIT, load_vae
 
     if hasattr(args, "tile"):
         args.tile = DEFAULT_TILE if args.tile is None else (args.tile or None)
+    if getattr(args, "keep_logit", 0.0) is None:
+        args.keep_logit = KEEP_LOGIT
     return load_vae(args.checkpoint, device=args.device)
 
 

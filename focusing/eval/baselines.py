@@ -38,6 +38,7 @@ import numpy as np
 from focusing.data.sampling import DEFAULT_POINTS
 from focusing.device import resolve_device
 from focusing.errors import FocusingError
+from focusing.inference import KEEP_LOGIT
 from focusing.io.mesh import Mesh
 
 METHODS: dict[str, type] = {}
@@ -211,6 +212,7 @@ class VAE:
     checkpoint: str | None = None
     points: int = DEFAULT_POINTS
     tile: int = 64
+    keep_logit: float = KEEP_LOGIT
     device: str = "auto"
 
     RUNTIME_OPTIONS = ("device", "tile")
@@ -221,4 +223,4 @@ class VAE:
         if getattr(self, "_model", None) is None:
             self._model = load_vae(self.checkpoint, device=resolve_device(self.device))
         return reconstruct_mesh(self._model, gt, resolution, points=self.points, seed=seed, tile=self.tile or None,
-                                normalized=True)
+                                keep_logit=self.keep_logit, normalized=True)

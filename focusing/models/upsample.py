@@ -69,10 +69,11 @@ class SelfPruningUpsample(nn.Module):
         self.blocks = nn.ModuleList(SparseResBlock(out_channels) for _ in range(num_res_blocks))
         self.occupancy_head = nn.Sequential(nn.LayerNorm(out_channels, eps=1e-6), nn.Linear(out_channels, 1))
 
-    def forward(self, x: SparseTensor, target_coords: torch.Tensor | None = None) -> UpsampleOutput:
+    def forward(self, x: SparseTensor, target_coords: torch.Tensor | None = None,
+                keep_logit: float = 0.0) -> UpsampleOutput:
         """target_coords: `[K, 4]` ground-truth occupied voxels at 2R (gives `target` for the occupancy loss).
 
-        Children are kept by the ground truth in training mode (when given), by logits > 0 otherwise.
+        Children are kept by the ground truth in training mode (when given), by logits > `keep_logit` otherwise.
         """
         h = self.to_children(x.feats)
         if self.learned:
@@ -83,5 +84,5 @@ class SelfPruningUpsample(nn.Module):
             children = block(children)
         logits = self.occupancy_head(children.feats).squeeze(-1).float()
         target = occupancy(children.coords, target_coords) if target_coords is not None else None
-        keep = target if target is not None and self.training else logits > 0
+        keep = target if target is not None and self.training else logits > keep_logit
         return UpsampleOutput(children.select(keep), logits, target, keep, children.coords)

@@ -201,27 +201,29 @@ class FocusingVAE(nn.Module):
         self,
         h: SparseTensor,
         targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+        keep_logit: float = 0.0,
     ) -> DecoderOutput:
         """Upsample decoder features `h` (latent grid) twice and apply the SparseFlex head at R = 4 x latent.
 
         targets: GT occupied voxels `[K1, 4]` at R/2 and `[K2, 4]` at R; in training mode children are kept by
-        them (never by the predicted logits), at inference (or without targets) by logits > 0.
+        them (never by the predicted logits), at inference (or without targets) by logits > `keep_logit`.
         """
         if h.resolution is None:
             raise ValueError("decoder features need their latent resolution")
         ups = []
         x = h
         for i, block in enumerate(self.upsample):
-            out = block(x, target_coords=None if targets is None else targets[i])
+            out = block(x, target_coords=None if targets is None else targets[i], keep_logit=keep_logit)
             ups.append(out)
             x = out.x
         resolution = h.resolution * LATENT_FACTOR
         sdf, deform, alpha, beta, gamma = self.head(x.feats, resolution)
         return DecoderOutput(x.coords, resolution, sdf, deform, alpha, beta, gamma, ups)
 
-    def decode(self, z: SparseTensor, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecoderOutput:
+    def decode(self, z: SparseTensor, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+               keep_logit: float = 0.0) -> DecoderOutput:
         """Latent `z` (`[N, latent_channels]` at R/4) -> SparseFlex parameters at R (see `decode_head`)."""
-        return self.decode_head(self.decode_features(z), targets)
+        return self.decode_head(self.decode_features(z), targets, keep_logit)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
