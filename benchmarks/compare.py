@@ -15,7 +15,12 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's `focusing`
+
+from focusing.io.atomic import write_text_atomic  # noqa: E402
 
 METRICS = (("fscore", "F@0.005"), ("fscore_fine", "F@0.002"), ("normal_consistency", "NC"))
 
@@ -75,8 +80,7 @@ def main(argv=None) -> int:
         cells = " | ".join(f"{table[group][label][key]:.4f}" for key, _ in METRICS for label in labels)
         print(f"| {group} | {len(names)} | {cells} |")
     if args.json:
-        args.json.write_text(json.dumps({"runs": paths,
-                                         "meshes": common, "groups": table}, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps({"runs": paths, "meshes": common, "groups": table}, indent=1) + "\n")
     return 0
 
 

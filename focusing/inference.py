@@ -10,13 +10,13 @@ back in the input's units), sampled into oriented points (819,200 by default, th
 exactly at R / 4; the encoder's posterior mean is the latent. Nothing is carved at inference: the decoder
 transformer runs on the whole latent, then the upsamplers (pruning by their occupancy logits) and the
 SparseFlex head run tile by tile (`decode_tiled`): cubes of `tile` latent voxels with a halo of `HALO` latent
-voxels, keeping from each tile only the output voxels whose latent parent lies in its core. The upsamplers keep
-the children whose occupancy logit exceeds `keep_logit` (default `KEEP_LOGIT` = 0, p > 0.5). The voxels they miss
-leave pinholes (focusing-S step 3674 on the bunny at 256: 16,760 boundary edges); -1 (p > 0.27) closes most of
-them (2,620) but adds stray surface on thin, open and many-part shapes, and scored lower on the validation
-meshes (docs/TRAINING.md). The upsamplers'
+voxels, keeping from each tile only the output voxels whose latent parent lies in its core. The upsamplers'
 convolutions reach 1.5 latent voxels, so a halo of 2 makes tiled decoding exactly equal to untiled decoding
 while bounding the memory of the fine levels. The mesh is extracted once over all output voxels.
+The upsamplers keep the children whose occupancy logit exceeds `keep_logit` (default `KEEP_LOGIT` = 0, p > 0.5).
+The voxels they miss leave pinholes (focusing-S step 3674 on the bunny at 256: 16,760 boundary edges); -1
+(p > 0.27) closes most of them (2,620) but adds stray surface on thin, open and many-part shapes, and scored lower
+on the validation meshes (docs/TRAINING.md).
 The model is local (window position embedding), so any R that is a multiple of 4 works, also above the one
 it was trained at.
 """
@@ -34,12 +34,12 @@ from focusing.data.sampling import DEFAULT_POINTS
 from focusing.errors import FocusingError, InputError
 from focusing.io.atomic import atomic_path
 from focusing.io.mesh import Mesh, Normalization, normalize
+from focusing.models.upsample import KEEP_LOGIT
 from focusing.models.vae import LATENT_FACTOR, DecoderOutput, FocusingVAE, VAEConfig
 from focusing.sparse.tensor import SparseTensor, sort_coords
 
 HALO = 2  # latent voxels around a tile's core (>= the 1.5-voxel reach of the upsamplers, see the docstring)
 DEFAULT_TILE = 64  # latent voxels per tile side (256 output voxels)
-KEEP_LOGIT = 0.0  # an upsampler keeps the children whose occupancy logit exceeds this at inference (see above)
 LATENT_KEY = "focusing_latent"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "focusing-s"
 """The shipped checkpoint folder of a source checkout / editable install (used when no checkpoint is given)."""

@@ -18,6 +18,8 @@ from focusing.sparse.lookup import occupancy
 from focusing.sparse.subdivide import subdivide
 from focusing.sparse.tensor import SparseTensor
 
+KEEP_LOGIT = 0.0  # at inference a child is kept when its occupancy logit exceeds this (p > 0.5)
+
 
 class SparseResBlock(nn.Module):
     """Pre-activation residual block of two 3^3 submanifold convolutions: x + conv(act(norm(conv(act(norm(x)))))).
@@ -70,7 +72,7 @@ class SelfPruningUpsample(nn.Module):
         self.occupancy_head = nn.Sequential(nn.LayerNorm(out_channels, eps=1e-6), nn.Linear(out_channels, 1))
 
     def forward(self, x: SparseTensor, target_coords: torch.Tensor | None = None,
-                keep_logit: float = 0.0) -> UpsampleOutput:
+                keep_logit: float = KEEP_LOGIT) -> UpsampleOutput:
         """target_coords: `[K, 4]` ground-truth occupied voxels at 2R (gives `target` for the occupancy loss).
 
         Children are kept by the ground truth in training mode (when given), by logits > `keep_logit` otherwise.

@@ -29,7 +29,7 @@ from torch import nn
 
 from focusing.models.pointnet import LocalPointNet
 from focusing.models.transformer import SparseTransformer
-from focusing.models.upsample import SelfPruningUpsample, UpsampleOutput
+from focusing.models.upsample import KEEP_LOGIT, SelfPruningUpsample, UpsampleOutput
 from focusing.sparse.tensor import SparseTensor
 from focusing.sparseflex.extract import SparseFlexResult, sparseflex_mesh
 
@@ -201,7 +201,7 @@ class FocusingVAE(nn.Module):
         self,
         h: SparseTensor,
         targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-        keep_logit: float = 0.0,
+        keep_logit: float = KEEP_LOGIT,
     ) -> DecoderOutput:
         """Upsample decoder features `h` (latent grid) twice and apply the SparseFlex head at R = 4 x latent.
 
@@ -221,7 +221,7 @@ class FocusingVAE(nn.Module):
         return DecoderOutput(x.coords, resolution, sdf, deform, alpha, beta, gamma, ups)
 
     def decode(self, z: SparseTensor, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-               keep_logit: float = 0.0) -> DecoderOutput:
+               keep_logit: float = KEEP_LOGIT) -> DecoderOutput:
         """Latent `z` (`[N, latent_channels]` at R/4) -> SparseFlex parameters at R (see `decode_head`)."""
         return self.decode_head(self.decode_features(z), targets, keep_logit)
 
