@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from focusing.data.grid import CORNER_OFFSETS, linearize, voxel_centers
+from focusing.data.grid import CORNER_OFFSETS, voxel_centers
 from focusing.render.camera import Camera, ndc_to_pixel
 from focusing.render.renderer import render_mesh
+from focusing.sparse.lookup import dilate_within
 
 Tensor = torch.Tensor
 
@@ -84,26 +85,6 @@ def _in_image(clip: Tensor) -> Tensor:
 def visible_in_image(coords: Tensor, resolution: int, camera: Camera) -> Tensor:
     """[N] bool: the voxel centre lies in front of the near plane and projects inside the image."""
     return _in_image(_clip(coords, resolution, camera)[0])
-
-
-def dilate_within(coords: Tensor, resolution: int, keep: Tensor, radius: int = 1) -> Tensor:
-    """[N] bool: `keep` [N] plus every voxel of `coords` [N, 4] within `radius` (Chebyshev) of a kept voxel of the
-    same batch item. One sort of the keys and one `searchsorted` of all (2 radius + 1)^3 neighbours of the kept
-    voxels (one host sync, for the kept count)."""
-    if radius <= 0:
-        return keep.clone()
-    extent = resolution + 2 * radius  # shifted by `radius`, so neighbours outside the grid keep valid keys
-    keys = linearize(coords.to(torch.int64) + torch.tensor([0, radius, radius, radius], device=coords.device),
-                     extent)
-    ref, order = torch.sort(keys)
-    steps = torch.arange(-radius, radius + 1, device=coords.device)
-    dx, dy, dz = torch.meshgrid(steps, steps, steps, indexing="ij")
-    query = (keys[keep][:, None] + ((dx * extent + dy) * extent + dz).reshape(1, -1)).reshape(-1)
-    pos = torch.searchsorted(ref, query).clamp_(max=max(len(ref) - 1, 0))
-    hits = torch.zeros(len(coords), dtype=torch.int32, device=coords.device)
-    if len(query):
-        hits.index_add_(0, order[pos], (ref[pos] == query).to(torch.int32))
-    return keep | (hits > 0)
 
 
 def carve(coords: Tensor, resolution: int, camera: Camera, depth_map: Tensor, r: float, *,

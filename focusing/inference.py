@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,10 +37,13 @@ from focusing.io.atomic import atomic_path
 from focusing.io.mesh import Mesh, Normalization, normalize
 from focusing.models.upsample import KEEP_LOGIT
 from focusing.models.vae import LATENT_FACTOR, DecoderOutput, FocusingVAE, VAEConfig
+from focusing.sparse.lookup import dilate_within, find_voxels, occupancy
 from focusing.sparse.tensor import SparseTensor, sort_coords
+from focusing.sparseflex import closure
 
 HALO = 2  # latent voxels around a tile's core (>= the 1.5-voxel reach of the upsamplers, see the docstring)
 DEFAULT_TILE = 64  # latent voxels per tile side (256 output voxels)
+CANDIDATE_LOGIT = -2.0  # hole closing may add back a pruned child whose occupancy logit exceeds this (p > 0.12)
 LATENT_KEY = "focusing_latent"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "focusing-s"
 """The shipped checkpoint folder of a source checkout / editable install (used when no checkpoint is given)."""
@@ -110,49 +114,122 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+class _Level(NamedTuple):
+    """The first upsampler's children at R/2: coords `[M, 4]`, occupancy logits `[M]`, kept `[M]` bool."""
+
+    coords: torch.Tensor
+    logits: torch.Tensor
+    keep: torch.Tensor
+
+
+def _coarser(coords: torch.Tensor, factor: int) -> torch.Tensor:
+    """`[N, 4]` parents (same batch, xyz // factor) of voxels `coords` `[N, 4]`, row by row."""
+    out = coords.clone()
+    out[:, 1:] = torch.div(coords[:, 1:], factor, rounding_mode="floor")
+    return out
+
+
+def _cat_sorted(parts: list[DecoderOutput]) -> DecoderOutput:
+    """Voxel sets of one grid joined into one, in SparseTensor order (`keep` joined when the parts have it)."""
+    coords = torch.cat([p.coords for p in parts])
+    order = sort_coords(coords)
+    fields = [torch.cat([getattr(p, f) for p in parts])[order] for f in DecoderOutput.FIELDS]
+    keep = None if parts[0].keep is None else torch.cat([p.keep for p in parts])[order]
+    return DecoderOutput(coords[order], parts[0].resolution, *fields, keep=keep)
+
+
 @torch.no_grad()
 def decode_tiled(model: FocusingVAE, z: SparseTensor, tile: int | None = DEFAULT_TILE,
-                 keep_logit: float = KEEP_LOGIT) -> DecoderOutput:
+                 keep_logit: float = KEEP_LOGIT, close_holes: bool = True) -> DecoderOutput:
     """Decode the whole latent `z` (inference: children kept where their occupancy logit > `keep_logit`), the
-    fine levels tile by tile (see the module docstring); tile None or >= the grid: in one piece. Returns the
-    per-voxel SparseFlex parameters at R = 4 x latent (sorted coords; `upsample` is left empty)."""
+    fine levels tile by tile (see the module docstring); tile None or >= the grid: in one piece; then, with
+    `close_holes`, fill the surface's pinholes (`_close_holes`). Returns the per-voxel SparseFlex parameters at
+    R = 4 x latent (sorted coords; `upsample` is left empty when tiled or closed)."""
     device = z.device
     with _autocast(device):
         h = model.decode_features(z)
+    candidate_logit = CANDIDATE_LOGIT if close_holes else None
     extent = h.spatial_extent
     if tile is None or tile >= extent:
         with _autocast(device):
-            out = model.decode_head(h, keep_logit=keep_logit)
-        return out
-    cell = torch.div(h.coords[:, 1:], tile, rounding_mode="floor")
-    cells = torch.unique(torch.cat([h.coords[:, :1], cell], 1), dim=0)
-    parts = []
-    for c in cells:
-        lo = c[1:] * tile
-        xyz = h.coords[:, 1:]
-        in_halo = (h.coords[:, 0] == c[0]) & ((xyz >= lo - HALO) & (xyz < lo + tile + HALO)).all(1)
-        with _autocast(device):
-            out = model.decode_head(h.select(in_halo), keep_logit=keep_logit)
-        parent = torch.div(out.coords[:, 1:], LATENT_FACTOR, rounding_mode="floor")
-        core = ((parent >= lo) & (parent < lo + tile)).all(1)
-        parts.append((out, core))
-    coords = torch.cat([o.coords[k] for o, k in parts])
-    order = sort_coords(coords)
-    fields = {name: torch.cat([getattr(o, name)[k] for o, k in parts])[order]
-              for name in ("sdf", "deform", "alpha", "beta", "gamma")}
-    return DecoderOutput(coords[order], z.resolution * LATENT_FACTOR, **fields)
+            out = model.decode_head(h, keep_logit=keep_logit, candidate_logit=candidate_logit)
+        first = out.upsample[0]
+        level = _Level(first.children.coords, first.logits, first.keep)
+    else:
+        cell = torch.div(h.coords[:, 1:], tile, rounding_mode="floor")
+        cells = torch.unique(torch.cat([h.coords[:, :1], cell], 1), dim=0)
+        parts, levels = [], []
+        for c in cells:
+            lo = c[1:] * tile
+            xyz = h.coords[:, 1:]
+            in_halo = (h.coords[:, 0] == c[0]) & ((xyz >= lo - HALO) & (xyz < lo + tile + HALO)).all(1)
+            with _autocast(device):
+                out = model.decode_head(h.select(in_halo), keep_logit=keep_logit, candidate_logit=candidate_logit)
+            parts.append(out.select(_in_core(out.coords, LATENT_FACTOR, lo, tile)))
+            first = out.upsample[0]
+            core = _in_core(first.children.coords, 2, lo, tile)
+            levels.append(_Level(first.children.coords[core], first.logits[core], first.keep[core]))
+        out = _cat_sorted(parts)
+        level_coords = torch.cat([lv.coords for lv in levels])
+        order = sort_coords(level_coords)
+        level = _Level(level_coords[order], *(torch.cat([getattr(lv, f) for lv in levels])[order]
+                                              for f in ("logits", "keep")))
+    return _close_holes(model, h, out, level, keep_logit) if close_holes else out
+
+
+def _in_core(coords: torch.Tensor, factor: int, lo: torch.Tensor, tile: int) -> torch.Tensor:
+    """[N] bool: do voxels `coords` [N, 4] (`factor` x finer than the latent) lie over the tile's core?"""
+    parent = torch.div(coords[:, 1:], factor, rounding_mode="floor")
+    return ((parent >= lo) & (parent < lo + tile)).all(1)
+
+
+def _close_holes(model: FocusingVAE, h: SparseTensor, out: DecoderOutput, level: _Level,
+                 keep_logit: float) -> DecoderOutput:
+    """Fill the pinholes of the kept voxels' surface (`focusing.sparseflex.closure`). `out` holds the kept voxels
+    and the candidates at R (`keep` says which); the holes whose voxels' parents the first upsampler pruned get
+    those parents' children as candidates too (`_candidates_under`)."""
+    holes = closure.hole_voxels(out.coords[out.keep], out.sdf[out.keep])
+    found = find_voxels(torch.unique(_coarser(holes, 2), dim=0), level.coords)
+    found = found[found >= 0]
+    found = found[~level.keep[found] & (level.logits[found] > CANDIDATE_LOGIT)]
+    if len(found):
+        out = _cat_sorted([out, _candidates_under(model, h, level, found, out.resolution, keep_logit)])
+    keep, sdf, deform = closure.close_holes(out.coords, out.sdf, out.deform, out.keep, ~out.keep, holes=holes)
+    return replace(out, sdf=sdf, deform=deform, keep=None).select(keep)
+
+
+def _candidates_under(model: FocusingVAE, h: SparseTensor, level: _Level, found: torch.Tensor, resolution: int,
+                      keep_logit: float) -> DecoderOutput:
+    """The children (logit > `CANDIDATE_LOGIT`, none kept) of the first upsampler's pruned children
+    `level.coords[found]`, decoded as if those were kept too: the second upsampler runs on them and the kept
+    children within its reach, whose first-level features come from the latent voxels within the first
+    upsampler's reach. The kept voxels' own outputs are not touched."""
+    up1, up2 = model.upsample
+    added = torch.zeros_like(level.keep)
+    added[found] = True
+    rows = level.keep | added
+    parents, added = level.coords[rows], added[rows]
+    context = dilate_within(parents, h.resolution * 2, added, up2.reach)
+    latent = dilate_within(h.coords, h.resolution, occupancy(h.coords, _coarser(parents[context], 2)), up1.reach)
+    with _autocast(h.device):
+        first = up1(h.select(latent), keep_logit=keep_logit)
+        second = up2(first.children.select(occupancy(first.children.coords, parents[context])), keep_logit=keep_logit)
+        mine = occupancy(_coarser(second.children.coords, 2), parents[added]) & (second.logits > CANDIDATE_LOGIT)
+        children = second.children.select(mine)
+        fields = model.head(children.feats, resolution)
+    return DecoderOutput(children.coords, resolution, *fields, keep=torch.zeros_like(mine[mine]))
 
 
 @torch.no_grad()
 def decode_latent(model: FocusingVAE, latent: Latent, *, tile: int | None = DEFAULT_TILE,
-                  keep_logit: float = KEEP_LOGIT, normalized: bool = False) -> Mesh:
+                  keep_logit: float = KEEP_LOGIT, close_holes: bool = True, normalized: bool = False) -> Mesh:
     """The mesh of `latent` at R = 4 x its grid, in the input's units (or the normalised frame)."""
     channels = latent.z.feats.shape[1]
     if channels != model.config.latent_channels:
         raise FocusingError(f"the latent has {channels} channels, the checkpoint's decoder takes "
                             f"{model.config.latent_channels}")
     z = latent.z.to(_device_of(model))
-    res = decode_tiled(model, z, tile, keep_logit).mesh(training=False)
+    res = decode_tiled(model, z, tile, keep_logit, close_holes).mesh(training=False)
     if len(res.faces) == 0:
         raise FocusingError("the decoder produced no surface (empty mesh): the latent holds no occupied voxels "
                             "the checkpoint decodes")
@@ -164,10 +241,11 @@ def decode_latent(model: FocusingVAE, latent: Latent, *, tile: int | None = DEFA
 
 def reconstruct_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *, points: int = DEFAULT_POINTS,
                      seed: int = 0, tile: int | None = DEFAULT_TILE, keep_logit: float = KEEP_LOGIT,
-                     normalized: bool = False, path: str | os.PathLike = "<mesh>") -> Mesh:
+                     close_holes: bool = True, normalized: bool = False, path: str | os.PathLike = "<mesh>") -> Mesh:
     """Encode then decode `mesh` at R (the VAE's reconstruction), in the input's units unless `normalized`."""
     latent = encode_mesh(model, mesh, resolution, points=points, seed=seed, path=path)
-    return decode_latent(model, latent, tile=tile, keep_logit=keep_logit, normalized=normalized)
+    return decode_latent(model, latent, tile=tile, keep_logit=keep_logit, close_holes=close_holes,
+                         normalized=normalized)
 
 
 def save_latent(latent: Latent, path: str | os.PathLike) -> None:

@@ -105,7 +105,7 @@ def test_self_pruning_upsample_prunes_by_target_then_logits():
         inferred = up(x)
         validated = up(x, target)  # eval mode: prune by the logits, still report the target for the loss
     assert inferred.target is None and torch.equal(inferred.keep, inferred.logits > 0)
-    assert torch.equal(inferred.x.coords, inferred.child_coords[inferred.keep])
+    assert torch.equal(inferred.x.coords, inferred.children.coords[inferred.keep])
     assert torch.equal(validated.keep, inferred.keep) and torch.equal(validated.target, out.target)
     copied = SelfPruningUpsample(8, 8, learned=False)(x, target)
     assert torch.equal(copied.x.coords, target)

@@ -103,18 +103,25 @@ def test_freeze_pointnet():
     assert all(p.requires_grad for p in model.decoder.parameters())
 
 
-def test_tiled_decoding_equals_untiled(shape):
+@pytest.mark.parametrize("close_holes", [False, True])
+def test_tiled_decoding_equals_untiled(shape, close_holes):
+    """Also with hole closing, which looks across tile borders: keep_logit 0.2 prunes this untrained model enough
+    for holes whose voxels are candidates at R and under pruned parents at R/2."""
     model = _model(seed=3).double().eval()
     latent = shape["levels"][0]
     z = model.encode(shape["points"].double(), shape["normals"].double(), None, latent, shape["R"] // 4).mean
-    whole = decode_tiled(model, z, tile=None)
+    keep_logit = 0.2 if close_holes else 0.0
+    whole = decode_tiled(model, z, tile=None, keep_logit=keep_logit, close_holes=close_holes)
     assert len(whole.coords) > 0
+    if close_holes:
+        assert len(whole.coords) > len(decode_tiled(model, z, tile=None, keep_logit=keep_logit, close_holes=False).coords)
     for tile in (3, 4):  # 3: tiles not aligned with the attention windows
-        tiled = decode_tiled(model, z, tile=tile)
+        tiled = decode_tiled(model, z, tile=tile, keep_logit=keep_logit, close_holes=close_holes)
         assert torch.equal(tiled.coords, whole.coords)
         for name in ("sdf", "deform", "alpha", "beta", "gamma"):
             assert torch.allclose(getattr(tiled, name), getattr(whole, name), atol=1e-9), name
-    a, b = whole.mesh(training=False), decode_tiled(model, z, tile=4).mesh(training=False)
+    a = whole.mesh(training=False)
+    b = decode_tiled(model, z, tile=4, keep_logit=keep_logit, close_holes=close_holes).mesh(training=False)
     assert torch.equal(a.faces, b.faces) and torch.allclose(a.vertices, b.vertices, atol=1e-9)
 
 
@@ -132,7 +139,7 @@ def test_inference_keeps_children_above_keep_logit(shape):
     assert torch.equal(a.logits, b.logits)
     assert (b.keep >= a.keep).all() and b.keep.sum() > a.keep.sum()
     assert 0 < len(strict.coords) < len(loose.coords)
-    assert torch.equal(decode_tiled(model, z, tile=None, keep_logit=-1.0).coords, loose.coords)
+    assert torch.equal(decode_tiled(model, z, tile=None, keep_logit=-1.0, close_holes=False).coords, loose.coords)
 
 
 def test_encode_decode_round_trip_through_a_file(shape, data_dir, tmp_path):

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "oriented points the VAE gets, depth log2 R, density-trimmed; needs pymeshlab), sdf-mc (flood fill + "
         "marching cubes at R), fit (SparseFlex field fitted by render loss at R; slow on CPU). Method options, e.g. "
         "--option trim=none (poisson), --option steps=200 (fit), --option device=cuda; vae (the Focusing VAE: "
-        "encode the oriented points, decode at R; --checkpoint FOLDER, default the shipped one); --checkpoint PATH is "
+        "encode the oriented points, decode at R; --checkpoint FOLDER, default the shipped one; --option "
+        "close_holes=false leaves the pinholes); --checkpoint PATH is "
         "--option checkpoint=PATH, for the methods that take one. See focusing.eval.baselines.",
     )
     p.add_argument("--method", choices=METHOD_NAMES, help="reconstruction method")

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     latent = load_latent(args.latent)
     model = vae_args.load_model(args)
-    out = decode_latent(model, latent, tile=args.tile, keep_logit=args.keep_logit, normalized=args.normalized)
+    out = decode_latent(model, latent, **vae_args.decode_options(args))
     save_mesh(out, args.output)
     print(f"wrote {args.output}: {len(out.vertices):,} vertices, {len(out.faces):,} faces "
           f"(R = {latent.output_resolution})")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from focusing.io import save_mesh
 
     model, latent = vae_args.encode_input(args)
-    out = decode_latent(model, latent, tile=args.tile, keep_logit=args.keep_logit, normalized=args.normalized)
+    out = decode_latent(model, latent, **vae_args.decode_options(args))
     save_mesh(out, args.output)
     print(f"wrote {args.output}: {len(out.vertices):,} vertices, {len(out.faces):,} faces "
           f"(R = {latent.output_resolution}, {len(latent.z):,} latent voxels)")

@@ -35,8 +35,16 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    "0: no tiling)")
     p.add_argument("--keep-logit", type=float, default=None,
                    help="the upsamplers keep the children whose occupancy logit exceeds this (default 0, i.e. "
-                   "p > 0.5; -1 closes most pinholes but adds stray surface on thin and many-part shapes)")
+                   "p > 0.5)")
+    p.add_argument("--no-close-holes", dest="close_holes", action="store_false",
+                   help="leave the pinholes where the upsamplers pruned a surface voxel (default: fill holes of up "
+                   "to 8 voxels from the pruned children; open boundaries stay open)")
     p.add_argument("--normalized", action="store_true", help="write the mesh in the [-0.5, 0.5]^3 frame")
+
+
+def decode_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `focusing.inference.decode_latent` that the decode options give."""
+    return dict(tile=args.tile, keep_logit=args.keep_logit, close_holes=args.close_holes, normalized=args.normalized)
 
 
 def load_model(args: argparse.Namespace):

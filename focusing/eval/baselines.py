@@ -213,6 +213,7 @@ class VAE:
     points: int = DEFAULT_POINTS
     tile: int = 64
     keep_logit: float = KEEP_LOGIT
+    close_holes: bool = True
     device: str = "auto"
 
     RUNTIME_OPTIONS = ("device", "tile")
@@ -223,4 +224,4 @@ class VAE:
         if getattr(self, "_model", None) is None:
             self._model = load_vae(self.checkpoint, device=resolve_device(self.device))
         return reconstruct_mesh(self._model, gt, resolution, points=self.points, seed=seed, tile=self.tile or None,
-                                keep_logit=self.keep_logit, normalized=True)
+                                keep_logit=self.keep_logit, close_holes=self.close_holes, normalized=True)

@@ -46,15 +46,15 @@ class SparseResBlock(nn.Module):
 
 @dataclass
 class UpsampleOutput:
-    """x: the kept children (resolution 2R); logits `[8N]` occupancy logits of all children (sorted child order);
-    target `[8N]` bool ground-truth occupancy (None without targets); keep `[8N]` bool: which children were kept;
-    child_coords `[8N, 4]` int32 coords of all children."""
+    """children: all children (resolution 2R, sorted) with their refined features `[8N, C_out]`; logits `[8N]` their
+    occupancy logits; target `[8N]` bool ground-truth occupancy (None without targets); keep `[8N]` bool: which
+    children were kept; x = children.select(keep)."""
 
-    x: SparseTensor
+    children: SparseTensor
     logits: torch.Tensor
     target: torch.Tensor | None
     keep: torch.Tensor
-    child_coords: torch.Tensor
+    x: SparseTensor
 
 
 class SelfPruningUpsample(nn.Module):
@@ -70,6 +70,14 @@ class SelfPruningUpsample(nn.Module):
         self.to_children = nn.Linear(in_channels, (8 if learned else 1) * out_channels)
         self.blocks = nn.ModuleList(SparseResBlock(out_channels) for _ in range(num_res_blocks))
         self.occupancy_head = nn.Sequential(nn.LayerNorm(out_channels, eps=1e-6), nn.Linear(out_channels, 1))
+
+    @property
+    def reach(self) -> int:
+        """Parent voxels (Chebyshev distance) whose children a child's features and logit depend on: the children's
+        convolutions read r child voxels away, and children 2p + o, 2q + o' (o, o' in {0, 1}) within r have
+        |p - q| <= (r + 1) // 2."""
+        r = sum((conv.kernel_size // 2) * conv.dilation for block in self.blocks for conv in (block.conv1, block.conv2))
+        return (r + 1) // 2
 
     def forward(self, x: SparseTensor, target_coords: torch.Tensor | None = None,
                 keep_logit: float = KEEP_LOGIT) -> UpsampleOutput:
@@ -87,4 +95,4 @@ class SelfPruningUpsample(nn.Module):
         logits = self.occupancy_head(children.feats).squeeze(-1).float()
         target = occupancy(children.coords, target_coords) if target_coords is not None else None
         keep = target if target is not None and self.training else logits > keep_logit
-        return UpsampleOutput(children.select(keep), logits, target, keep, children.coords)
+        return UpsampleOutput(children, logits, target, keep, children.select(keep))

@@ -104,7 +104,8 @@ class DecoderOutput:
 
     coords `[N, 4]` int32 at R; sdf `[N, 8]` normalised units (negative inside); deform `[N, 8, 3]`,
     alpha `[N, 8]`, beta `[N, 12]`, gamma `[N]`: raw values for `sparseflex_mesh`; upsample: the two
-    `UpsampleOutput`s (occupancy logits and targets at R/2 and R).
+    `UpsampleOutput`s (occupancy logits and targets at R/2 and R); keep `[N]` bool: None when every voxel is
+    kept, else which are (the others are hole-closing candidates, `FocusingVAE.decode_head`).
     """
 
     coords: torch.Tensor
@@ -115,6 +116,14 @@ class DecoderOutput:
     beta: torch.Tensor
     gamma: torch.Tensor
     upsample: list[UpsampleOutput] = field(default_factory=list)
+    keep: torch.Tensor | None = None
+
+    FIELDS = ("sdf", "deform", "alpha", "beta", "gamma")
+
+    def select(self, mask: torch.Tensor) -> DecoderOutput:
+        """The voxels where `mask` `[N]` is true (their `keep` too; `upsample` is dropped)."""
+        return DecoderOutput(self.coords[mask], self.resolution, *(getattr(self, f)[mask] for f in self.FIELDS),
+                             keep=None if self.keep is None else self.keep[mask])
 
     def mesh(self, training: bool) -> SparseFlexResult:
         """Extract the SparseFlex mesh (4-triangle split in training, 2-triangle at inference), >= float32."""
@@ -202,11 +211,14 @@ class FocusingVAE(nn.Module):
         h: SparseTensor,
         targets: tuple[torch.Tensor, torch.Tensor] | None = None,
         keep_logit: float = KEEP_LOGIT,
+        candidate_logit: float | None = None,
     ) -> DecoderOutput:
         """Upsample decoder features `h` (latent grid) twice and apply the SparseFlex head at R = 4 x latent.
 
         targets: GT occupied voxels `[K1, 4]` at R/2 and `[K2, 4]` at R; in training mode children are kept by
         them (never by the predicted logits), at inference (or without targets) by logits > `keep_logit`.
+        candidate_logit (inference, without targets): also return the pruned children at R whose logit exceeds
+        it, with `keep` marking the kept ones (the candidates of `focusing.sparseflex.closure.close_holes`).
         """
         if h.resolution is None:
             raise ValueError("decoder features need their latent resolution")
@@ -216,9 +228,13 @@ class FocusingVAE(nn.Module):
             out = block(x, target_coords=None if targets is None else targets[i], keep_logit=keep_logit)
             ups.append(out)
             x = out.x
+        keep = None
+        if candidate_logit is not None and targets is None:
+            rows = out.keep | (out.logits > candidate_logit)
+            x, keep = out.children.select(rows), out.keep[rows]
         resolution = h.resolution * LATENT_FACTOR
         sdf, deform, alpha, beta, gamma = self.head(x.feats, resolution)
-        return DecoderOutput(x.coords, resolution, sdf, deform, alpha, beta, gamma, ups)
+        return DecoderOutput(x.coords, resolution, sdf, deform, alpha, beta, gamma, ups, keep)
 
     def decode(self, z: SparseTensor, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
                keep_logit: float = KEEP_LOGIT) -> DecoderOutput:
