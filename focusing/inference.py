@@ -14,9 +14,13 @@ voxels, keeping from each tile only the output voxels whose latent parent lies i
 convolutions reach 1.5 latent voxels, so a halo of 2 makes tiled decoding exactly equal to untiled decoding
 while bounding the memory of the fine levels. The mesh is extracted once over all output voxels.
 The upsamplers keep the children whose occupancy logit exceeds `keep_logit` (default `KEEP_LOGIT` = 0, p > 0.5).
-The voxels they miss leave pinholes (focusing-S step 3674 on the bunny at 256: 16,760 boundary edges); -1
-(p > 0.27) closes most of them (2,620) but adds stray surface on thin, open and many-part shapes, and scored lower
-on the validation meshes (docs/TRAINING.md).
+The surface voxels they miss leave pinholes (focusing-S step 3674 on the bunny at 256: 16,760 boundary edges;
+a lower `keep_logit` closes them only with stray surface elsewhere). Hole closing (`close_holes`, on by default)
+fills them after the tiles are merged (`focusing.sparseflex.closure`): the tiles also return the pruned children
+with a logit above `CANDIDATE_LOGIT`; holes whose voxels' parents the first upsampler pruned get those parents'
+children decoded as candidates (`_candidates_under`, exact: the second upsampler runs with its reach of context);
+the candidates that fill holes are added with their shared corners pinned to the kept voxels' values, so the rest
+of the surface is unchanged (bunny: 1,520 boundary edges left, its open bottom among them).
 The model is local (window position embedding), so any R that is a multiple of 4 works, also above the one
 it was trained at.
 """

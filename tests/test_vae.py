@@ -34,6 +34,16 @@ def _model(seed=0, **overrides):
     return FocusingVAE(VAEConfig(**{**TINY, **overrides}))
 
 
+def _coupled(model):
+    """`model` with its upsamplers' residual blocks no longer the identity (their second convolution starts at
+    zero), so that a child's output depends on its neighbours as in a trained model."""
+    with torch.no_grad():
+        for upsampler in model.upsample:
+            for block in upsampler.blocks:
+                block.conv2.weight.normal_(0.0, 0.05)
+    return model
+
+
 def test_b_config_is_the_anchor_size():
     n = sum(p.numel() for p in FocusingVAE(VAEConfig()).parameters())
     assert 170e6 < n < 190e6  # TripoSF's 1024 model: ~180M
@@ -107,7 +117,7 @@ def test_freeze_pointnet():
 def test_tiled_decoding_equals_untiled(shape, close_holes):
     """Also with hole closing, which looks across tile borders: keep_logit 0.2 prunes this untrained model enough
     for holes whose voxels are candidates at R and under pruned parents at R/2."""
-    model = _model(seed=3).double().eval()
+    model = _coupled(_model(seed=3)).double().eval()
     latent = shape["levels"][0]
     z = model.encode(shape["points"].double(), shape["normals"].double(), None, latent, shape["R"] // 4).mean
     keep_logit = 0.2 if close_holes else 0.0
@@ -123,6 +133,33 @@ def test_tiled_decoding_equals_untiled(shape, close_holes):
     a = whole.mesh(training=False)
     b = decode_tiled(model, z, tile=4, keep_logit=keep_logit, close_holes=close_holes).mesh(training=False)
     assert torch.equal(a.faces, b.faces) and torch.allclose(a.vertices, b.vertices, atol=1e-9)
+
+
+def test_candidates_under_pruned_parents_equal_decoding_with_them_kept(shape):
+    """Hole closing decodes the children of pruned first-level children on a context region only; they must equal
+    what the second upsampler gives when those parents are kept along with all the others."""
+    from focusing.inference import CANDIDATE_LOGIT, _candidates_under, _Level
+
+    model = _coupled(_model(seed=3)).double().eval()
+    latent = shape["levels"][0]
+    z = model.encode(shape["points"].double(), shape["normals"].double(), None, latent, shape["R"] // 4).mean
+    with torch.no_grad():
+        h = model.decode_features(z)
+        first = model.upsample[0](h, keep_logit=0.2)
+        level = _Level(first.children.coords, first.logits, first.keep)
+        found = torch.nonzero(~first.keep & (first.logits > CANDIDATE_LOGIT)).squeeze(1)[::7]
+        got = _candidates_under(model, h, level, found, shape["R"], keep_logit=0.2)
+        added = torch.zeros_like(first.keep)
+        added[found] = True
+        second = model.upsample[1](first.children.select(first.keep | added), keep_logit=0.2)
+    parent = second.children.coords.clone()
+    parent[:, 1:] //= 2
+    mine = occupancy(parent, first.children.coords[found]) & (second.logits > CANDIDATE_LOGIT)
+    assert len(found) > 10 and 0 < len(got.coords) == int(mine.sum()) and not got.keep.any()
+    assert torch.equal(got.coords, second.children.coords[mine])
+    expected = model.head(second.children.feats[mine], shape["R"])
+    for name, value in zip(("sdf", "deform", "alpha", "beta", "gamma"), expected):
+        assert torch.allclose(getattr(got, name), value, atol=1e-9), name
 
 
 def test_inference_keeps_children_above_keep_logit(shape):
