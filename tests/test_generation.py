@@ -225,13 +225,93 @@ def test_train_command_runs_a_generator_kind(tmp_path, shapes):
 
 
 def test_every_config_loads():
-    for name in ("gen-structure-vae", "gen-structure-flow", "gen-latent-flow"):
-        for suffix in ("", "-tiny"):
-            cfg = load_experiment(ROOT / "configs" / f"{name}{suffix}.yaml")
-            assert cfg.kind == name.removeprefix("gen-").replace("-", "_")
+    for name in ("structure-vae", "structure-flow", "latent-flow"):
+        for prefix, suffix in (("gen-", ""), ("gen-", "-tiny"), ("gen-demo-", "")):
+            cfg = load_experiment(ROOT / "configs" / f"{prefix}{name}{suffix}.yaml")
+            assert cfg.kind == name.replace("-", "_")
     assert load_experiment(ROOT / "configs" / "tiny.yaml").kind == "vae"
     big = load_experiment(ROOT / "configs" / "gen-structure-vae.yaml")
     assert big.model.latent_resolution == 16 and big.train.resolution == 4 * big.model.resolution
+
+
+def test_demo_configs_pair_up_and_fit_the_budgets():
+    """The demonstration sizes (benchmarks/gen_demo.py): each export one file of < 16 MiB (what the GPU machine
+    sends back), the three together ~6 MB in fp16 (what the repo can ship), the latents of the pairs matching, and
+    nothing that needs /work/shared (the GPU machine has none)."""
+    import json
+
+    from focusing.image_to_3d import check_latent_pair, check_structure_pair
+    from focusing.models.vae import count_parameters
+
+    cfgs = {n: load_experiment(ROOT / "configs" / f"gen-demo-{n}.yaml")
+            for n in ("structure-vae", "structure-flow", "latent-flow")}
+    counts = {n: count_parameters(c.build_model()) for n, c in cfgs.items()}
+    assert all(2 * n < 16 * 2**20 for n in counts.values()) and 2 * sum(counts.values()) < 6.5e6, counts
+    check_structure_pair(cfgs["structure-vae"].model, cfgs["structure-flow"].model, "demo")
+    shape_vae = from_dict(VAEConfig, json.loads((ROOT / cfgs["latent-flow"].shape_vae / "config.json").read_text())
+                          ["model"])
+    check_latent_pair(shape_vae, cfgs["latent-flow"].model, "demo")
+    for cfg in cfgs.values():
+        assert cfg.data.exclude == [] and cfg.data.augment is None and cfg.data.source.startswith(".devdata/")
+        assert cfg.train.resolution == shape_vae.resolution == 4 * cfgs["structure-vae"].model.resolution
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gen_demo_budget_reserves_later_stages_and_passes_slack_on():
+    demo = _script("gen_demo")
+    plan = {"a": 1.0, "b": 2.0, "c": 3.0}
+    reserve = demo.RESERVE_MINUTES
+    assert demo.allowance(plan, "a", 0.0, 6.0 + reserve) == pytest.approx(1.0)
+    assert demo.allowance(plan, "b", 0.5, 6.0 + reserve) == pytest.approx(2.5)  # "a" left half a minute
+    assert demo.allowance(plan, "c", 4.0, 6.0 + reserve) == pytest.approx(2.0)  # the last takes what is left
+
+
+def test_gen_demo_training_set_selection(tmp_path):
+    demo = _script("gen_demo")
+    base, held = tmp_path / "base", tmp_path / "held"
+    base.mkdir(), held.mkdir()
+    for i in range(60):
+        (base / f"m{i:03d}.glb").touch()
+    (base / "notes.txt").touch()
+    for name in ("m001.ply", "MANIFEST.tsv"):
+        (held / name).touch()
+    picked = [p.name for p in demo.training_meshes(base, held)]
+    assert picked == ["m000.glb", "m029.glb", "m057.glb"]  # every 28th of the 59 not held out
+    assert [p.name for p in demo.heldout_meshes(held, 8)] == ["m001.ply"]
+
+
+def test_gen_demo_packs_what_comes_back(tmp_path):
+    demo = _script("gen_demo")
+    work, out = tmp_path / "work", tmp_path / "out"
+    for stage in demo.TRAININGS:
+        (work / "generator" / stage).mkdir(parents=True)
+        (work / "generator" / stage / "weights.safetensors").write_bytes(b"0" * 1000)
+        (work / "runs" / stage).mkdir(parents=True)
+        (work / "runs" / stage / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0, "step_time": 0.5}\n')
+    (work / "logs").mkdir()
+    (work / "logs" / "structure-vae.log").write_text("stopped at step 10\n")
+    (work / "bench").mkdir()
+    (work / "bench" / "generation.json").write_text("{}")
+    summary = {"stages": {"structure-vae": {"status": "ok", **demo.run_summary(work / "runs" / "structure-vae")}}}
+    demo.pack_outputs(work, out, summary)
+    assert sorted(p.name for p in out.iterdir()) == ["gen-demo.json", "generation.json", "generator.tar"]
+    import tarfile
+
+    with tarfile.open(out / "generator.tar") as tar:
+        names = set(tar.getnames())
+    assert {"structure-vae/weights.safetensors", "latent-flow/weights.safetensors", "logs/structure-vae.log",
+            "runs/structure-flow/metrics.jsonl"} <= names
+    row = summary["stages"]["structure-vae"]
+    assert row["steps"] is None and row["last_loss"] == 1.0 and row["median_step_s"] == 0.5  # no checkpoint here
+    assert summary["generator_tar"]["exports"]
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +383,12 @@ def test_generate_bad_checkpoint_and_output(tmp_path, capsys, condition_png):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "structure-vae/" in err[0]
     assert main(["generate", str(condition_png), "-o", str(tmp_path / "o.xyz"), "--quiet"]) == 2
+
+
+def test_bench_generation_budget_stops_before_a_mesh(generator_folder, tmp_path, capsys):
+    bench = _script("bench_generation")
+    result = bench.main(["--checkpoint", str(generator_folder), "--train", str(DATA), "--train-count", "2",
+                         "--out", str(tmp_path), "--device", "cpu", "--max-minutes", "0"])
+    assert result["summary"]["train"] == {"meshes": 0, "not_run": 2, "mean_fscore": 0.0, "at_least_0.8": 0}
+    assert (tmp_path / "generation.json").is_file() and not (tmp_path / "grid-train.png").exists()
+    assert "2 of 2 meshes not run" in capsys.readouterr().out
