@@ -80,17 +80,36 @@ def check_run_folder(out: Path, resume: bool, init_from: str | None) -> int | No
     return None
 
 
+def make_trainer(experiment, builders: ModuleType | object, ctx, out: Path, *, init_from: str | None = None,
+                 progress: bool = True):
+    """The `Trainer` that `focusing train` runs in this process (`ctx`: `setup_distributed`'s result): the
+    model seeded by train.seed (the same initial weights on every rank and every run) or loaded from `init_from`,
+    the objective and this rank's data source from `builders` (see `run`)."""
+    import torch
+
+    from focusing.train.checkpoint import load_state_dict_strict, load_weights
+    from focusing.train.config import to_dict
+    from focusing.train.trainer import Trainer
+
+    torch.manual_seed(experiment.train.seed)
+    model = builders.build_model(experiment)
+    if init_from:
+        state, _ = load_weights(init_from)
+        load_state_dict_strict(model, state, init_from)
+
+    def source_factory(resolution: int, rank: int, world_size: int, start_step: int):
+        return builders.build_source(experiment, resolution, rank, world_size, ctx.device, start_step)
+
+    return Trainer(model, builders.build_objective(experiment), source_factory, experiment.train, out,
+                   experiment_config=to_dict(experiment), dist=ctx, progress=progress)
+
+
 def run(args: argparse.Namespace, builders: ModuleType | object | None = None) -> int:
     """Run `focusing train`. `builders` provides load_experiment(path, overrides), build_model(cfg),
     build_objective(cfg) and build_source(cfg, resolution, rank, world_size, device, start_step); by default
     `focusing.train.experiment`."""
     started = time.monotonic()
-    import torch
-
-    from focusing.train.checkpoint import load_state_dict_strict, load_weights
-    from focusing.train.config import to_dict
     from focusing.train.distributed import setup_distributed, teardown_distributed
-    from focusing.train.trainer import Trainer
 
     if builders is None:
         builders = importlib.import_module("focusing.train.experiment")
@@ -99,17 +118,7 @@ def run(args: argparse.Namespace, builders: ModuleType | object | None = None) -
     experiment = builders.load_experiment(args.config, list(args.set))
     ctx = setup_distributed(args.device)
     try:
-        torch.manual_seed(experiment.train.seed)  # the same initial weights on every rank and every run
-        model = builders.build_model(experiment)
-        if args.init_from:
-            state, _ = load_weights(args.init_from)
-            load_state_dict_strict(model, state, args.init_from)
-
-        def source_factory(resolution: int, rank: int, world_size: int, start_step: int):
-            return builders.build_source(experiment, resolution, rank, world_size, ctx.device, start_step)
-
-        trainer = Trainer(model, builders.build_objective(experiment), source_factory, experiment.train, out,
-                          experiment_config=to_dict(experiment), dist=ctx, progress=not args.quiet)
+        trainer = make_trainer(experiment, builders, ctx, out, init_from=args.init_from, progress=not args.quiet)
         if ctx.is_main and resume_step is not None:
             print(f"resuming {out} at step {resume_step}")
         result = trainer.run(args.max_minutes, args.resume, started=started)
