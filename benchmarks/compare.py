@@ -5,7 +5,8 @@
         --manifest ../shared/data/meshes/MANIFEST.tsv --json compare.json
 
 Meshes are matched by name (the results' `name` column without its settings hash); a mean covers only the meshes
-that every run scored, so the columns compare the same meshes. Metrics: F@0.005 (100K samples), F@0.002 (1M),
+that every run scored, so the columns compare the same meshes. A run made in parts is LABEL=A.csv,B.csv (a mesh in
+both: the later file's row). Metrics: F@0.005 (100K samples), F@0.002 (1M),
 normal consistency. Prints markdown, writes JSON with --json.
 """
 
@@ -46,7 +47,7 @@ def means(runs: dict[str, dict], names: list[str]) -> dict[str, dict[str, float]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", metavar="LABEL=RESULTS.csv")
+    p.add_argument("runs", nargs="+", metavar="LABEL=RESULTS.csv[,MORE.csv]")
     p.add_argument("--manifest", type=Path, default=None, help="MANIFEST.tsv with a category column")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -55,7 +56,9 @@ def main(argv=None) -> int:
         label, _, path = spec.partition("=")
         if not path:
             p.error(f"{spec}: give LABEL=RESULTS.csv")
-        runs[label], paths[label] = read_run(Path(path)), path
+        runs[label], paths[label] = {}, path
+        for part in path.split(","):
+            runs[label].update(read_run(Path(part)))
     categories = read_categories(args.manifest)
     common = sorted(set.intersection(*(set(r) for r in runs.values())))
     if not common:

@@ -41,6 +41,16 @@ def test_compare_means_over_the_meshes_every_run_scored(tmp_path):
     assert out["groups"]["level L2"]["n"] == 1
 
 
+def test_compare_joins_a_run_made_in_parts(tmp_path):
+    write_results(tmp_path / "a1.csv", [("cube-1a", 1, "ok", 0.9, 0.8, 0.95), ("cow-2b", 2, "failed", "", "", "")])
+    write_results(tmp_path / "a2.csv", [("cow-2c", 2, "ok", 0.7, 0.6, 0.85)])
+    write_results(tmp_path / "b.csv", [("cube-9z", 1, "ok", 1.0, 1.0, 1.0), ("cow-8y", 2, "ok", 0.8, 0.7, 0.9)])
+    assert load("compare").main([f"a={tmp_path / 'a1.csv'},{tmp_path / 'a2.csv'}", f"b={tmp_path / 'b.csv'}",
+                                 "--json", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert out["meshes"] == ["cow", "cube"] and abs(out["groups"]["all"]["a"]["fscore"] - 0.8) < 1e-12
+
+
 def test_plot_draws_every_series(tmp_path):
     tsv = tmp_path / "v.tsv"
     tsv.write_text("gpu_minutes\tstep\tfscore\tfscore_fine\tnormal_consistency\tresults\n"
