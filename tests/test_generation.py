@@ -200,6 +200,47 @@ def test_latent_flow_loss_falls(batch):
     assert after < 0.85 * before, (before, after)
 
 
+def test_latent_cache_encodes_each_mesh_once_from_the_mesh_alone(shapes, batch):
+    """With cache_points a mesh is encoded once, alone, from points seeded by its id: the latents equal a fresh
+    objective's (a resumed run, another rank) and the same mesh's encoded in a batch of one, and the VAE is not
+    called again for meshes seen before."""
+    from focusing.data.online import make_source
+
+    torch.manual_seed(3)
+    vae = FocusingVAE(tiny_shape_vae_config())
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda *a, **k: calls.append(k["batch_size"]) or encode(*a, **k)
+    objective = LatentFlowObjective(from_dict_flow(), ConditionConfig(image_size=32), vae, cache_points=2000)
+    first = objective.latents(batch)
+    assert calls == [1, 1, 1] and first.batch_size == 3
+    assert torch.equal(first.coords, batch["voxels_latent"])
+    again = objective.latents(batch)
+    assert calls == [1, 1, 1] and torch.equal(again.feats, first.feats) and torch.equal(again.coords, first.coords)
+    fresh = LatentFlowObjective(from_dict_flow(), ConditionConfig(image_size=32), vae, cache_points=2000)
+    assert torch.equal(fresh.latents(batch).feats, first.feats)
+    singles = make_source(shapes, resolution=64, points=500, batch_size=1, seed=7)
+    for _ in range(3):
+        one = singles.next_batch()
+        b = batch["ids"].index(one["ids"][0])
+        assert torch.equal(fresh.latents(one).feats, first.feats[first.coords[:, 0] == b])
+    uncached = LatentFlowObjective(from_dict_flow(), ConditionConfig(image_size=32), vae).latents(batch)
+    assert torch.equal(uncached.coords, first.coords)
+    assert not torch.allclose(uncached.feats, first.feats)  # the batch's own 2000 points, another sample
+
+
+def test_latent_cache_needs_fixed_poses(tmp_path):
+    from focusing.data.online import AugmentConfig
+
+    cfg = load_experiment(ROOT / "configs" / "gen-demo-latent-flow.yaml")
+    assert cfg.cache_latents is True and cfg.data.augment is None
+    cfg.data.augment = AugmentConfig()
+    with pytest.raises(FocusingError, match="cache_latents needs data.augment: null"):
+        cfg.build_objective()
+    cfg = load_experiment(ROOT / "configs" / "gen-demo-latent-flow.yaml", ["cache_latents=false"])
+    assert cfg.cache_latents is False
+
+
 def from_dict_flow():
     from focusing.flow import FlowConfig
 

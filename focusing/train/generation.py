@@ -8,26 +8,31 @@ is read by `focusing train --config C.yaml` like the VAE's (`focusing.train.expe
 model (the kind's config), data and train (as for the VAE), loss (structure_vae), flow and condition (flows).
 
 Batches come from the VAE's data path (`focusing.data.online`): `voxels_latent` at R/4 (R = train.resolution,
-the shape VAE's output resolution) is the structure, the oriented points feed the frozen shape VAE's encoder,
-and the GT meshes give the condition images: shaded normal maps (`focusing.render.images.normal_to_rgb`, the
-colouring of our pictures, white background) rendered with `focusing.render` from a random camera per item.
+the shape VAE's output resolution) is the structure, the frozen shape VAE's encoder gives the latent (once per
+mesh by default, `cache_latents`: `LatentFlowObjective`), and the GT meshes give the condition images: shaded
+normal maps (`focusing.render.images.normal_to_rgb`, the colouring of our pictures, white background) rendered
+with `focusing.render` from a random camera per item.
 Train generators with `data.augment: null`: the generated shape is in the training meshes' own frame, which a
 random rotation would make unpredictable from the image.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
+from focusing.data.online import sample_surface_torch
+from focusing.data.voxelize import with_batch
 from focusing.errors import FocusingError
 from focusing.flow import FlowConfig, flow_loss
 from focusing.models.dit import LatentFlow, LatentFlowConfig, StructureFlow, StructureFlowConfig
 from focusing.models.structure_vae import StructureVAE, StructureVAEConfig, dice_loss, occupancy_grid
 from focusing.models.vae import LATENT_FACTOR
+from focusing.sparse.tensor import SparseTensor
 from focusing.train.config import DataConfig, TrainConfig
 from focusing.train.objective import StepResult
 
@@ -149,19 +154,27 @@ class StructureFlowObjective(nn.Module):
 
 class LatentFlowObjective(nn.Module):
     """The flow loss on the frozen shape VAE's posterior mean on the batch's latent voxels, conditioned on a
-    rendered view of each mesh."""
+    rendered view of each mesh.
 
-    def __init__(self, flow: FlowConfig, condition: ConditionConfig, shape_vae: nn.Module):
+    cache_points: encode each mesh once and keep its posterior mean (TRELLIS encodes its latents once, before
+    training); the encoder's points are then `cache_points` surface samples drawn with a seed derived from the
+    mesh id (`mesh_seed`), not the batch's, so a mesh's latent depends on the mesh alone: the same on every rank,
+    after a resume and in any batch. Needs batches of fixed-pose meshes (`data.augment: null`). The cache holds
+    C floats per latent voxel on the batch's device (8 channels: 32 bytes; a mesh at 64^3 has 2K-50K voxels).
+    None: encode the batch's own points at every step.
+    """
+
+    def __init__(self, flow: FlowConfig, condition: ConditionConfig, shape_vae: nn.Module,
+                 cache_points: int | None = None):
         super().__init__()
         self.flow, self.condition = flow, condition
         self.vae = shape_vae.requires_grad_(False).eval()
+        self.cache_points = cache_points
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mesh id -> (coords [n, 3], mean [n, C])
 
     def forward(self, model: LatentFlow, batch: dict, *, step: int, generator=None, want_images=False):
-        latent_res = int(batch["resolution"]) // LATENT_FACTOR
+        z = self.latents(batch)
         with torch.no_grad():
-            z = self.vae.encode(batch["points"], batch["normals"], batch["point_batch"], batch["voxels_latent"],
-                                latent_res, batch_size=len(batch["ids"])).mean
-            z = z.replace(z.feats.float())
             model.calibrate(z.feats)
         images = condition_images(batch["vertices"], batch["faces"], self.condition, generator)
 
@@ -172,6 +185,37 @@ class LatentFlowObjective(nn.Module):
                                generator, item=z.coords[:, 0])
         logs["voxels/latent"] = len(z)
         return StepResult(loss, logs, _image(images) if want_images else None)
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> SparseTensor:
+        """The posterior means (float32) on the batch's latent voxels: encoded now, or from the cache."""
+        latent_res = int(batch["resolution"]) // LATENT_FACTOR
+        voxels = batch["voxels_latent"]
+        if self.cache_points is None:
+            z = self.vae.encode(batch["points"], batch["normals"], batch["point_batch"], voxels, latent_res,
+                                batch_size=len(batch["ids"])).mean
+            return z.replace(z.feats.float())
+        parts = []
+        for b, mesh_id in enumerate(batch["ids"]):
+            if mesh_id not in self.cache:
+                own = voxels[voxels[:, 0] == b]
+                self.cache[mesh_id] = self._encode_alone(mesh_id, batch["vertices"][b], batch["faces"][b],
+                                                         own[:, 1:], latent_res)
+            parts.append(self.cache[mesh_id])
+        coords = torch.cat([with_batch(c, b) for b, (c, _) in enumerate(parts)])
+        return SparseTensor(coords, torch.cat([m for _, m in parts]), batch_size=len(parts), resolution=latent_res)
+
+    def _encode_alone(self, mesh_id: str, vertices, faces, voxels, latent_res: int):
+        """(voxels [n, 3], posterior mean [n, C] float32) of one mesh from its own seeded surface samples."""
+        generator = torch.Generator(device=vertices.device).manual_seed(mesh_seed(mesh_id))
+        points, normals, _ = sample_surface_torch(vertices.double(), faces, self.cache_points, generator)
+        z = self.vae.encode(points, normals, None, with_batch(voxels), latent_res, batch_size=1).mean
+        return voxels, z.feats.float()
+
+
+def mesh_seed(mesh_id: str) -> int:
+    """A 63-bit seed from a mesh id (sha256), the same in every process and run."""
+    return int.from_bytes(hashlib.sha256(mesh_id.encode()).digest()[:8], "little") >> 1
 
 
 def _source(data: DataConfig, train: TrainConfig, resolution: int, rank: int, world_size: int, device):
@@ -232,6 +276,7 @@ class StructureFlowExperiment:
 class LatentFlowExperiment:
     kind: Literal["latent_flow"] = "latent_flow"
     shape_vae: str = ""  # weights folder of the shape VAE (`focusing export` of a `focusing train` run)
+    cache_latents: bool = True  # encode each mesh once (`LatentFlowObjective`, needs data.augment: null)
     model: LatentFlowConfig = field(default_factory=LatentFlowConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
@@ -245,9 +290,13 @@ class LatentFlowExperiment:
         from focusing.image_to_3d import check_latent_pair
         from focusing.inference import load_vae
 
+        if self.cache_latents and self.data.augment is not None:
+            raise FocusingError("cache_latents needs data.augment: null (a mesh in a random pose has another "
+                                "latent at every draw); set data.augment: null or cache_latents: false")
         vae = load_vae(_required(self.shape_vae, "shape_vae"))
         check_latent_pair(vae.config, self.model, self.shape_vae)
-        return LatentFlowObjective(self.flow, self.condition, vae)
+        return LatentFlowObjective(self.flow, self.condition, vae,
+                                   cache_points=self.data.points if self.cache_latents else None)
 
     def build_source(self, resolution, rank, world_size, device, start_step=0):
         return _source(self.data, self.train, resolution, rank, world_size, device)
