@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from focusing.errors import FocusingError
-from focusing.train.checkpoint import load_checkpoint
+from focusing.train.checkpoint import load_checkpoint, save_checkpoint
 from focusing.train.logs import read_metrics
 from focusing.train.trainer import Trainer, learning_rate
 
@@ -78,6 +78,20 @@ def test_resume_reproduces_an_unbroken_run(tmp_path):
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
     assert ma["ranks"] == mb["ranks"]
+
+
+def test_resume_on_another_kind_of_device_restarts_only_the_random_streams(tmp_path, capsys):
+    """A checkpoint written on a GPU resumes on the CPU: a CUDA generator's state does not fit a CPU generator, so
+    the random streams restart (with a note) while weights, optimizer and the data stream continue."""
+    cfg = train_config(steps=6)
+    assert make_trainer(tmp_path / "gpu", cfg).run(max_steps=3).step == 3
+    tensors, meta = load_checkpoint(tmp_path / "gpu")
+    for rank in meta["ranks"]:
+        rank["rng"]["generator"] = {"device": "cuda:0", "state": [7] * 16}  # what a CUDA generator saves
+    save_checkpoint(tmp_path / "gpu" / "checkpoint", tensors, meta)
+    assert make_trainer(tmp_path / "gpu", cfg, seed=5).run(resume=True).step == 6
+    assert "random streams were saved on cuda, this run is on cpu" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path / "gpu" / "metrics.jsonl")] == list(range(1, 7))
 
 
 def test_stage_sources_are_rebuilt_and_closed(tmp_path):

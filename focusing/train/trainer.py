@@ -341,7 +341,15 @@ class Trainer:
         ranks = meta["ranks"]
         if len(ranks) == self.dist.world_size:
             mine = ranks[self.dist.rank]
-            set_rng_state(mine["rng"], self.generator)
+            saved_on = torch.device(mine["rng"]["generator"]["device"]).type
+            if saved_on == self.generator.device.type:
+                set_rng_state(mine["rng"], self.generator)
+            else:  # a CUDA generator's state does not fit a CPU one (and back)
+                if self.dist.is_main:
+                    print(f"focusing train: the checkpoint's random streams were saved on {saved_on}, this run is on "
+                          f"{self.generator.device.type}: weights, optimizer and the data stream resume, the random "
+                          f"streams restart (not an exact continuation)", file=sys.stderr)
+                seed_everything(rank_seed(self.cfg.seed + self.step, self.dist.rank), self.generator)
             if mine["source"] is not None:
                 self._source_state = (int(meta["stage"]), mine["source"])
         else:
