@@ -82,3 +82,45 @@ def test_fit_starts_with_a_surface_on_sub_voxel_and_many_parts(name):
         m = surface_metrics(result_mesh(field.extract(training=False)), gt, n_samples=20_000, threshold=1.0 / r,
                             normalize=False)
     assert m.recall > 0.95 and m.precision > 0.75, (m.recall, m.precision)
+
+
+def test_trim_far_faces_drops_only_faces_away_from_the_input():
+    from focusing.io import Mesh
+    from focusing.sparseflex.fit import trim_far_faces
+
+    r = 16
+    gt = Mesh(np.array([[-0.3, -0.3, 0.0], [0.3, -0.3, 0.0], [0.0, 0.3, 0.0]]), np.array([[0, 1, 2]]))
+    near = gt.vertices + [0.0, 0.0, 0.8 / r]  # a shell's distance: kept
+    far = gt.vertices * 0.5 + [0.0, 0.0, 1.5 / r]  # every vertex 1.5 voxels off: dropped
+    part = gt.vertices * 0.5 + [0.0, 0.0, 0.0]
+    part[0, 2] = 3.0 / r  # one vertex far, two on the input: kept
+    out = Mesh(np.concatenate([near, far, part]), np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]]))
+    trimmed = trim_far_faces(out, gt, r, 1.0)
+    assert len(trimmed.faces) == 2 and len(trimmed.vertices) == 6
+    assert np.array_equal(trimmed.vertices[trimmed.faces], out.vertices[out.faces[[0, 2]]])
+    assert trim_far_faces(out, gt, r, 0.0) is out
+
+
+def test_fit_trims_the_hidden_continuation_of_an_inner_sheet():
+    # An open sheet inside a closed box: no view sees it, so the start's continuation of the sheet past its
+    # rim into the dilated voxels stays; the export drops those faces and nothing else.
+    from focusing.data.distance import TriangleGrid
+    from focusing.eval.hard_cases import box, flat_sheet
+    from focusing.io import Mesh
+
+    r = 24
+    sheet = flat_sheet(9, 0.0)
+    gt = Mesh(np.concatenate([box([-0.5] * 3, [0.5] * 3).vertices, sheet.vertices * 0.5]),
+              np.concatenate([box([-0.5] * 3, [0.5] * 3).faces, sheet.faces + 8]))
+    cfg = FitConfig(image_size=64, view_pool=4, views_per_step=2)
+    kept = fit_mesh(gt, r, steps=5, device="cpu", config=FitConfig(**{**cfg.__dict__, "trim_voxels": 0.0}))
+    trimmed = fit_mesh(gt, r, steps=5, device="cpu", config=cfg)
+    grid = TriangleGrid(gt, r)
+    far = (grid.distance(torch.as_tensor((kept.vertices + 0.5) * r), 4.0) > 1.0).numpy()[kept.faces].all(1)
+    assert far.sum() > 10  # the case has hidden faces to trim
+    assert len(trimmed.faces) == len(kept.faces) - far.sum()
+    faces = {tuple(map(tuple, np.round(t, 9))) for t in kept.vertices[kept.faces[~far]]}
+    assert faces == {tuple(map(tuple, np.round(t, 9))) for t in trimmed.vertices[trimmed.faces]}
+    m = surface_metrics(trimmed, Mesh(sheet.vertices * 0.5, sheet.faces), n_samples=5_000, threshold=0.5 / r,
+                        normalize=False)
+    assert m.recall > 0.95, m.recall  # the inner sheet itself stays

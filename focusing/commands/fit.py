@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "VAE's decoder can express at R. Defaults follow the device: on a GPU 400 steps of 4 views at 512 px "
         "(R = 256: about 25-45 s on an H200); on a CPU 130 steps of 2 views at 2R px (128..512), meant to finish "
         "R = 128 in about 2 minutes on 2 idle cores (R = 256 takes several times longer). Faces may be wound "
-        "either way; open sheets and parts thinner than a voxel are recovered.",
+        "either way; open sheets and parts thinner than a voxel are recovered. Faces no view sees that lie more "
+        "than a voxel from the input (e.g. an inner sheet's start continued past its rim) are dropped.",
     )
     p.add_argument("mesh", help="input mesh file (OBJ, PLY, STL, OFF, GLB, GLTF)")
     p.add_argument("-o", "--output", type=output_file(SAVE_FORMATS), required=True,

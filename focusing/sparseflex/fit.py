@@ -14,13 +14,15 @@ Recipe:
 4. Steps: Adam on the field; each step extracts the mesh with the training split, renders a few pool views and
    minimises L1 depth (in voxels) + L1 normal + L1 mask + SSIM on normals + λ_tv sparse TV + λ_flex L_flex
    (+ the TSDF warm-up for the first `warmup_fraction` of the steps), the paper's Eq. 3, 5, 6, 7.
-5. Export: the inference split (2 triangles per quad).
+5. Export: the inference split (2 triangles per quad), without the faces farther than `trim_voxels` from the
+   input (`trim_far_faces`: surface no view sees, which the render loss cannot remove).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from focusing.data.grid import delinearize, linearize, voxel_corners
@@ -61,6 +63,7 @@ class FitConfig:
     w_tsdf: float = 1.0  # paper λ6
     warmup_fraction: float = 0.1
     truncation_voxels: float = 3.0
+    trim_voxels: float = 1.0  # export: drop faces whose 3 vertices are farther from the input (0: keep all)
 
     @classmethod
     def for_device(cls, device: str | torch.device | None, resolution: int) -> "FitConfig":
@@ -167,7 +170,8 @@ def fit_mesh(
     field, target = init_field(mesh, resolution, config, device)
     optimize_field(field, target, mesh, config, steps=steps, seed=seed, progress=progress)
     with torch.no_grad():
-        return result_mesh(field.extract(training=False))
+        out = result_mesh(field.extract(training=False))
+    return trim_far_faces(out, mesh, resolution, config.trim_voxels, device)
 
 
 def optimize_field(
@@ -232,6 +236,33 @@ def init_field(mesh: Mesh, resolution: int, config: FitConfig, device: torch.dev
     corners, _ = voxel_corners(coords)
     tsdf = corner_tsdf(mesh, corners, resolution, config.truncation_voxels, device=device)
     return SparseFlexField(coords, resolution, tsdf), tsdf * resolution
+
+
+def trim_far_faces(out: Mesh, mesh: Mesh, resolution: int, voxels: float,
+                   device: str | torch.device | None = None) -> Mesh:
+    """`out` without the faces whose three vertices all lie farther than `voxels` voxels (at `resolution`) from
+    `mesh`, and without the vertices left unused; both meshes in the normalised frame. voxels <= 0: `out`.
+
+    Such faces are surface that no view sees, so the render loss never moved it and it is not the input's: e.g.
+    the start of an open sheet inside a closed part continues past the sheet's rim to the end of the dilated
+    voxels (the corner TSDF's known limit). Measured on shrec_truck at R = 256: 2.7% of the faces, F@0.005
+    0.928 -> 0.941. Visible surface ends within a fraction of a voxel of the input, and the shell of a part
+    thinner than a voxel starts within sqrt(3)/2 voxel of it, so one voxel keeps both.
+    """
+    from focusing.data.distance import TriangleGrid
+
+    if voxels <= 0:
+        return out
+    grid = TriangleGrid(mesh, resolution, device=device)
+    points = torch.as_tensor((out.vertices + 0.5) * resolution, dtype=torch.float64, device=grid.device)
+    far = (grid.distance(points, voxels + 1.0) > voxels).cpu().numpy()
+    faces = out.faces[~far[out.faces].all(1)]
+    if len(faces) == len(out.faces):
+        return out
+    if len(faces) == 0:
+        raise FocusingError(f"every extracted face lies more than {voxels:g} voxels from the input")
+    used, faces = np.unique(faces, return_inverse=True)
+    return Mesh(out.vertices[used], faces.reshape(-1, 3))
 
 
 def result_mesh(res: SparseFlexResult) -> Mesh:
