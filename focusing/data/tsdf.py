@@ -65,18 +65,20 @@ def corner_tsdf(
     thin_shell: bool = True,
     oriented: bool = False,
     device: str | torch.device | None = None,
+    grid: TriangleGrid | None = None,
 ) -> torch.Tensor:
     """TSDF float32 [M] at grid corners [M, 3] int (each in 0..R; [M, 4] with a batch column also accepted).
 
     Corner (i, j, k) sits at (i, j, k) / R - 0.5. Negative inside, positive outside by the rule of the module
     docstring, normalised units, clamped to [-t, t] with t = truncation_voxels / R. oriented: the mesh already
     went through `orient_components` (callers that query one mesh many times do it once). Runs on `device`
-    (default: the corners' device).
+    (default: the corners' device). grid: a `TriangleGrid` of the mesh at `resolution` on that device, reused
+    (the distances do not depend on the winding).
     """
     device = torch.device(device or corners.device)
     mesh = mesh if oriented else orient_components(mesh)
     g = corners[:, -3:].to(device, torch.float64)  # exact grid coordinates: 8 voxels per first pass
-    grid = TriangleGrid(mesh, resolution, device=device)
+    grid = grid if grid is not None else TriangleGrid(mesh, resolution, device=device)
     search = max(truncation_voxels, sign_voxels)
     d, p = grid.closest(g, search)
     near = ~torch.isnan(p[:, 0])
