@@ -5,7 +5,10 @@ condition view (the training condition: a shaded normal map from a random camera
 with `focusing.image_to_3d.generate`, and measure F@0.005 / Chamfer of the generated mesh against the mesh in
 the normalised frame (`focusing.eval.metrics.surface_metrics`, the generated mesh is in that frame). Prints a
 table, writes OUT/generation.json and OUT/grid-train.png, OUT/grid-heldout.png (condition image | generated
-mesh rendered from the same camera). Target (issue 12): F >= 0.8 on every training mesh. With --max-minutes
+mesh rendered from the same camera). Target (issue 12): F >= 0.8 on every training mesh.
+With --stages (default) each mesh also says where the shape is lost, stage by stage (`stage_scores`): the
+structure's IoU against the mesh's own latent voxels, the structure VAE's reconstruction IoU of those voxels, F
+of the latent flow sampled on the true structure, and F of the shape VAE's own reconstruction (the ceiling). With --max-minutes
 no mesh is started that might not finish inside the budget (the longest mesh so far, times 1.5); the meshes left
 are counted as not run, and the JSON is written after each set.
 
@@ -53,7 +56,7 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tup
     """Rows and grid images of the first `count` meshes of `spec`, and how many were not run (budget)."""
     from focusing.eval.metrics import surface_metrics
     from focusing.flow import SamplerConfig
-    from focusing.image_to_3d import generate
+    from focusing.image_to_3d import decode, sample_latent
     from focusing.train.generation import ConditionConfig, condition_cameras, render_condition
 
     collection = _collection(spec)
@@ -72,10 +75,14 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tup
         image = render_condition(v, f, cam)
         t0 = time.perf_counter()
         try:
-            out = generate(gen, image, seed=args.seed, structure_sampler=sampler, latent_sampler=sampler)
+            z = sample_latent(gen, image, seed=args.seed, structure_sampler=sampler, latent_sampler=sampler)
+            out = decode(gen, z)
             m = surface_metrics(out, mesh, normalize=False)
             row = {"set": label, "mesh": collection.names[i], "fscore": m.fscore, "chamfer": m.chamfer,
-                   "faces": len(out.faces), "seconds": time.perf_counter() - t0}
+                   "faces": len(out.faces)}
+            if args.stages:
+                row.update(stage_scores(gen, mesh, image, z.coords, sampler, args.seed))
+            row["seconds"] = time.perf_counter() - t0
             picture = render_condition(torch.as_tensor(out.vertices, dtype=torch.float32),
                                        torch.as_tensor(out.faces, dtype=torch.int64), cam)
         except Exception as exc:  # noqa: BLE001  (report the mesh and go on)
@@ -86,8 +93,51 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tup
         name = Path(collection.names[i]).stem[:18]
         images[f"{name} cond"] = image.permute(1, 2, 0)
         images[f"{name} F={row['fscore']:.2f}"] = picture.permute(1, 2, 0)
-        print(f"{label:8s} {collection.names[i]:40s} F@0.005 {row['fscore']:.3f}  {row.get('error', '')}")
+        stages = "  ".join(f"{k} {row[k]:.3f}" for k in STAGES if k in row)
+        print(f"{label:8s} {collection.names[i]:40s} F@0.005 {row['fscore']:.3f}  {stages}{row.get('error', '')}")
     return rows, images, 0
+
+
+STAGES = ("structure_iou", "structure_vae_iou", "latent_flow_fscore", "shape_vae_fscore")
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor, grid: int) -> float:
+    """IoU of two voxel sets `[N, 4]` (batch 0) at `grid`."""
+    from focusing.models.structure_vae import occupancy_grid
+
+    x, y = occupancy_grid(a, 1, grid) > 0, occupancy_grid(b.to(a.device), 1, grid) > 0
+    return float((x & y).sum() / (x | y).sum().clamp_min(1))
+
+
+@torch.no_grad()
+def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, seed: int) -> dict:
+    """Where a generated shape is lost (one mesh in the normalised frame, its condition `[3, H, W]` and the
+    generated structure `coords` `[N, 4]`): `structure_iou` (generated structure vs the mesh's latent voxels),
+    `structure_vae_iou` (the structure VAE's reconstruction of those voxels, the structure flow's ceiling),
+    `latent_flow_fscore` (F@0.005 of the latent flow sampled on the true voxels), `shape_vae_fscore` (the shape
+    VAE's reconstruction, the ceiling of the whole chain). A stage that yields no surface scores 0."""
+    from focusing.errors import FocusingError
+    from focusing.eval.metrics import surface_metrics
+    from focusing.image_to_3d import decode, generate_latent
+    from focusing.inference import encode_mesh
+    from focusing.models.structure_vae import occupancy_grid, occupied_coords
+
+    def fscore(z) -> float:
+        try:
+            return surface_metrics(decode(gen, z), mesh, normalize=False).fscore
+        except FocusingError:
+            return 0.0
+
+    grid = gen.structure_vae.config.resolution
+    truth = encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed).z
+    device = coords.device
+    svae = gen.structure_vae
+    occ = occupancy_grid(truth.coords.to(device), 1, grid)
+    rebuilt = occupied_coords(svae.decode(svae.encode(occ).mean))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    on_truth = generate_latent(gen, image, truth.coords.to(device), generator, sampler)
+    return {"structure_iou": _iou(coords, truth.coords, grid), "structure_vae_iou": _iou(rebuilt, truth.coords, grid),
+            "latent_flow_fscore": fscore(on_truth), "shape_vae_fscore": fscore(truth)}
 
 
 def summarize(rows: list[dict], not_run: dict[str, int]) -> dict:
@@ -97,6 +147,10 @@ def summarize(rows: list[dict], not_run: dict[str, int]) -> dict:
         f = [r["fscore"] for r in rows if r["set"] == label]
         summary[label] = {"meshes": len(f), "not_run": skipped, "mean_fscore": sum(f) / max(len(f), 1),
                           "at_least_0.8": sum(x >= 0.8 for x in f)}
+        for key in STAGES:
+            got = [r[key] for r in rows if r["set"] == label and key in r]
+            if got:
+                summary[label][f"mean_{key}"] = sum(got) / len(got)
     return summary
 
 
@@ -112,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stages", dest="stages", action="store_false",
+                   help="skip the per-stage scores (`stage_scores`: ~3 more decodes a mesh)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget (from the start, loading included): no mesh is started that might "
                    "not finish in it")
@@ -138,10 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
             save_png(image_grid(images, columns=8), out / f"grid-{label}.png")
         result = {"device": device, "args": vars(args), "summary": summarize(rows, not_run), "rows": rows}
         write_text_atomic(out / "generation.json", json.dumps(result, indent=1) + "\n")
-    print("\n| set | meshes | mean F@0.005 | meshes with F >= 0.8 |\n|---|---|---|---|")
+    print("\n| set | meshes | mean F@0.005 | meshes with F >= 0.8 | structure IoU | structure VAE IoU "
+          "| F, latent flow on the true structure | F, shape VAE |\n|---|---|---|---|---|---|---|---|")
     for label, s in result["summary"].items():
         skipped = f" ({s['not_run']} not run)" if s["not_run"] else ""
-        print(f"| {label} | {s['meshes']}{skipped} | {s['mean_fscore']:.3f} | {s['at_least_0.8']} |")
+        stages = " | ".join(f"{s[f'mean_{k}']:.3f}" if f"mean_{k}" in s else "-" for k in STAGES)
+        print(f"| {label} | {s['meshes']}{skipped} | {s['mean_fscore']:.3f} | {s['at_least_0.8']} | {stages} |")
     return result
 
 

@@ -55,9 +55,12 @@ TRAIN_EVERY = 28
 
 
 def allowance(plan: dict[str, float], stage: str, elapsed_minutes: float, total_minutes: float) -> float:
-    """Minutes stage `stage` may take: the total less what is spent, the reserve and the later stages' plans."""
+    """Minutes stage `stage` may take: the total less what is spent, the reserve and the later stages' plans.
+    A total below the plans' sum (+ the reserve) shrinks every plan by the same factor, so a short budget does
+    not starve the first stage."""
     names = list(plan)
-    later = sum(plan[n] for n in names[names.index(stage) + 1:])
+    scale = min(1.0, (total_minutes - RESERVE_MINUTES) / sum(plan.values()))
+    later = scale * sum(plan[n] for n in names[names.index(stage) + 1:])
     return total_minutes - elapsed_minutes - RESERVE_MINUTES - later
 
 

@@ -157,19 +157,34 @@ def generate_latent(gen: Generator, image: torch.Tensor, coords: torch.Tensor, g
 
 
 @torch.no_grad()
+def sample_latent(gen: Generator, image: torch.Tensor, *, seed: int = 0,
+                  structure_sampler: SamplerConfig | None = None, latent_sampler: SamplerConfig | None = None,
+                  progress: Callable[[int], None] | None = None) -> SparseTensor:
+    """image `[3, H, W]` in [0, 1] -> the structured latent `[N, C]` on the generated structure (its coords,
+    `[N, 4]` at G); both stages draw from one generator seeded by `seed`."""
+    generator = torch.Generator(device=_device(gen.structure_flow)).manual_seed(seed)
+    coords = generate_structure(gen, image, generator, structure_sampler or SamplerConfig(), progress)
+    return generate_latent(gen, image, coords, generator, latent_sampler or SamplerConfig(), progress)
+
+
+def decode(gen: Generator, z: SparseTensor, tile: int | None = None) -> Mesh:
+    """A structured latent at G (normalised frame) -> the shape VAE's mesh at R = 4 G in [-0.5, 0.5]^3."""
+    from focusing.inference import DEFAULT_TILE, Latent, decode_latent
+
+    return decode_latent(gen.shape_vae, Latent(z, Normalization((0.0, 0.0, 0.0), 1.0)), tile=tile or DEFAULT_TILE,
+                         normalized=True)
+
+
+@torch.no_grad()
 def generate(gen: Generator, image: torch.Tensor, *, seed: int = 0, structure_sampler: SamplerConfig | None = None,
              latent_sampler: SamplerConfig | None = None, progress: Callable[[int], None] | None = None,
              tile: int | None = None) -> Mesh:
     """image `[3, H, W]` in [0, 1] -> the generated Mesh in the normalised frame [-0.5, 0.5]^3 (see the module
     docstring); `progress(1)` after every sampler step (structure then latent)."""
-    from focusing.inference import DEFAULT_TILE, Latent, decode_latent
-
-    generator = torch.Generator(device=_device(gen.structure_flow)).manual_seed(seed)
-    coords = generate_structure(gen, image, generator, structure_sampler or SamplerConfig(), progress)
-    z = generate_latent(gen, image, coords, generator, latent_sampler or SamplerConfig(), progress)
-    latent = Latent(z, Normalization((0.0, 0.0, 0.0), 1.0))
-    return decode_latent(gen.shape_vae, latent, tile=tile or DEFAULT_TILE, normalized=True)
+    z = sample_latent(gen, image, seed=seed, structure_sampler=structure_sampler, latent_sampler=latent_sampler,
+                      progress=progress)
+    return decode(gen, z, tile)
 
 
-__all__ = ["Generator", "check_latent_pair", "check_structure_pair", "generate", "generate_latent",
-           "generate_structure", "load_generator", "load_image", "load_module", "load_structure_vae"]
+__all__ = ["Generator", "check_latent_pair", "check_structure_pair", "decode", "generate", "generate_latent",
+           "generate_structure", "sample_latent", "load_generator", "load_image", "load_module", "load_structure_vae"]

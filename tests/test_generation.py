@@ -313,6 +313,9 @@ def test_gen_demo_budget_reserves_later_stages_and_passes_slack_on():
     assert demo.allowance(plan, "a", 0.0, 6.0 + reserve) == pytest.approx(1.0)
     assert demo.allowance(plan, "b", 0.5, 6.0 + reserve) == pytest.approx(2.5)  # "a" left half a minute
     assert demo.allowance(plan, "c", 4.0, 6.0 + reserve) == pytest.approx(2.0)  # the last takes what is left
+    # half the planned total: every stage gets half its plan, not the first one what the others leave
+    assert demo.allowance(plan, "a", 0.0, 3.0 + reserve) == pytest.approx(0.5)
+    assert demo.allowance(plan, "b", 0.5, 3.0 + reserve) == pytest.approx(1.0)
 
 
 def test_gen_demo_training_set_selection(tmp_path):
@@ -433,3 +436,35 @@ def test_bench_generation_budget_stops_before_a_mesh(generator_folder, tmp_path,
     assert result["summary"]["train"] == {"meshes": 0, "not_run": 2, "mean_fscore": 0.0, "at_least_0.8": 0}
     assert (tmp_path / "generation.json").is_file() and not (tmp_path / "grid-train.png").exists()
     assert "2 of 2 meshes not run" in capsys.readouterr().out
+
+
+def test_bench_generation_scores_what_generate_makes_and_each_stage(generator_folder, tmp_path):
+    from focusing.data.online import MeshFolder
+    from focusing.eval.metrics import surface_metrics
+    from focusing.image_to_3d import generate, load_generator
+    from focusing.train.generation import ConditionConfig, condition_cameras, render_condition
+
+    bench = _script("bench_generation")
+    result = bench.main(["--checkpoint", str(generator_folder), "--train", str(DATA), "--train-count", "1",
+                         "--out", str(tmp_path), "--device", "cpu", "--steps", "2"])
+    row = result["rows"][0]
+    assert "error" not in row, row
+    # the row's F is the F of what `focusing generate` makes from the same condition view and seed
+    mesh = MeshFolder([DATA]).mesh(0)
+    cam = condition_cameras(1, ConditionConfig(image_size=256), torch.Generator().manual_seed(1000))[0]
+    image = render_condition(torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                             torch.as_tensor(mesh.faces, dtype=torch.int64), cam)
+    sampler = SamplerConfig(steps=2, cfg=6.0)
+    out = generate(load_generator(generator_folder), image, seed=0, structure_sampler=sampler, latent_sampler=sampler)
+    assert row["fscore"] == pytest.approx(surface_metrics(out, mesh, normalize=False).fscore)
+    for key in bench.STAGES:
+        assert 0.0 <= row[key] <= 1.0
+        assert result["summary"]["train"][f"mean_{key}"] == pytest.approx(row[key])
+
+
+def test_bench_generation_iou():
+    bench = _script("bench_generation")
+    a = torch.tensor([[0, 0, 0, 0], [0, 1, 2, 3], [0, 3, 3, 3]], dtype=torch.int32)
+    assert bench._iou(a, a, 4) == 1.0
+    assert bench._iou(a, a[:1], 4) == pytest.approx(1 / 3)
+    assert bench._iou(a[:1], a[2:], 4) == 0.0
