@@ -17,6 +17,10 @@ The configs' train.steps are the plan; the budget is the guard. A stage may use 
 whatever the stages before it left unused; the plans of the stages after it stay reserved. Trainings stop
 cleanly by `focusing train --max-minutes` (a checkpoint, then the export), the evaluation by
 `bench_generation.py --max-minutes`. The first stage that fails ends the chain; what exists is still packed.
+`--stages` runs part of the chain (one device call per part, each with the whole budget): the exports a part
+needs but does not make come from `--exports`, an earlier call's generator.tar unpacked, e.g.
+    run ... --stages structure-vae,structure-flow          then, carrying the unpacked tar as .devdata/gen-a:
+    run ... --stages latent-flow,evaluation --exports .devdata/gen-a
 
 OUT gets at most 8 files, each < 16 MiB (what the GPU machine sends back): gen-demo.json (the table below),
 generation.json, grid-train.png, grid-heldout.png (bench_generation.py's) and generator.tar (the three fp16
@@ -52,6 +56,14 @@ MIN_STAGE_MINUTES = 0.1
 RETURN_FILES, RETURN_BYTES = 8, 16 * 2**20
 TRAIN_SET, HELDOUT_SET = ".devdata/gen32.safetensors", ".devdata/heldout8.safetensors"
 TRAIN_EVERY = 28
+
+
+NEEDS = {"structure-vae": (), "structure-flow": ("structure-vae",), "latent-flow": (), "evaluation": tuple(TRAININGS)}
+
+
+def stages_needed(stages: list[str]) -> list[str]:
+    """The trainings whose exports `stages` need but do not make (they come from `--exports`)."""
+    return [t for t in TRAININGS if t not in stages and any(t in NEEDS[s] for s in stages)]
 
 
 def allowance(plan: dict[str, float], stage: str, elapsed_minutes: float, total_minutes: float) -> float:
@@ -218,12 +230,16 @@ def run_chain(args) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-               "torch": torch.__version__, "args": vars(args), "plan_minutes": PLAN, "stages": {}}
+               "torch": torch.__version__, "args": vars(args),
+               "plan_minutes": {stage: PLAN[stage] for stage in args.stages}, "stages": {}}
     needs = {"structure-vae": None, "structure-flow": str(work / "generator" / "structure-vae"),
              "latent-flow": args.shape_vae}
+    plan = {stage: PLAN[stage] for stage in args.stages}
+    for stage in stages_needed(args.stages):
+        shutil.copytree(Path(args.exports) / stage, work / "generator" / stage)
     try:
-        for stage in PLAN:
-            minutes = allowance(PLAN, stage, (time.monotonic() - started) / 60.0, args.minutes)
+        for stage in plan:
+            minutes = allowance(plan, stage, (time.monotonic() - started) / 60.0, args.minutes)
             if minutes < MIN_STAGE_MINUTES:
                 summary["stages"][stage] = {"status": "no time left"}
                 break
@@ -267,8 +283,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     r.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="a config override of one training, e.g. structure-vae:train.steps=3 (repeatable)")
     r.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    r.add_argument("--stages", default=",".join(PLAN),
+                   help="the stages to run, in the chain's order (default all): split the chain over device calls")
+    r.add_argument("--exports", default=None,
+                   help="a folder with the exports of the stages not run (an earlier call's generator.tar, "
+                   "unpacked: structure-vae/, structure-flow/, latent-flow/)")
     args = p.parse_args(argv)
     if args.command == "run":
+        args.stages = [s for s in args.stages.split(",") if s]
+        if not args.stages or any(s not in PLAN for s in args.stages) or args.stages != sorted(args.stages, key=list(PLAN).index):
+            p.error(f"--stages: expected some of {','.join(PLAN)}, in that order")
+        missing = [s for s in stages_needed(args.stages) if not (args.exports and (Path(args.exports) / s).is_dir())]
+        if missing:
+            p.error(f"--stages {','.join(args.stages)} needs the exports of {', '.join(missing)}: give --exports DIR")
         for item in args.set:
             if item.split(":", 1)[0] not in TRAININGS or "=" not in item:
                 p.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of {', '.join(TRAININGS)}")

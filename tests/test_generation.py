@@ -318,6 +318,22 @@ def test_gen_demo_budget_reserves_later_stages_and_passes_slack_on():
     assert demo.allowance(plan, "b", 0.5, 3.0 + reserve) == pytest.approx(1.0)
 
 
+def test_gen_demo_split_over_calls_needs_the_earlier_exports(tmp_path):
+    demo = _script("gen_demo")
+    assert demo.stages_needed(["structure-vae", "structure-flow"]) == []
+    assert demo.stages_needed(["structure-flow"]) == ["structure-vae"]
+    assert demo.stages_needed(["latent-flow", "evaluation"]) == ["structure-vae", "structure-flow"]
+    base = ["run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    for bad in (["--stages", "latent-flow,evaluation"], ["--stages", "evaluation,latent-flow"], ["--stages", "x"]):
+        with pytest.raises(SystemExit):
+            demo.main(base + bad)
+    for stage in ("structure-vae", "structure-flow"):
+        (tmp_path / "gen-a" / stage).mkdir(parents=True)
+    with pytest.raises(SystemExit, match="gen32"):  # the arguments pass; the packed set is what is missing
+        demo.main(base + ["--stages", "latent-flow,evaluation", "--exports", str(tmp_path / "gen-a"),
+                          "--train", str(tmp_path / "gen32.safetensors")])
+
+
 def test_gen_demo_training_set_selection(tmp_path):
     demo = _script("gen_demo")
     base, held = tmp_path / "base", tmp_path / "held"
