@@ -136,6 +136,18 @@ def test_batch_contract_pyramid_and_points_in_latent_voxels(corpus):
         assert _distance_to_mesh(pts, batch["vertices"][b], batch["faces"][b]).max() < 1e-6
 
 
+def test_latent_only_batches_hold_the_pyramids_latent_level_alone(corpus):
+    full, latent = _source(corpus, resolution=64, augment=None), _source(corpus, resolution=64, augment=None,
+                                                                        latent_only=True)
+    for _ in range(2):
+        a, b = full.next_batch(), latent.next_batch()
+        assert set(b) == BATCH_KEYS - {"voxels_mid", "voxels"}
+        assert a["ids"] == b["ids"] and torch.equal(a["voxels_latent"], b["voxels_latent"]) and len(b["voxels_latent"])
+        assert torch.equal(a["points"], b["points"])
+    with pytest.raises(FocusingError, match="latent_only"):
+        _source(corpus, latent_only=True, tsdf_truncation=3.0)
+
+
 def test_ranks_are_disjoint_and_cover_each_epoch(corpus):
     world, per_epoch = 3, len(SMALL)
     seen = []

@@ -223,7 +223,7 @@ def _source(data: DataConfig, train: TrainConfig, resolution: int, rank: int, wo
 
     return make_source(data.source, resolution=resolution, points=data.points, batch_size=train.batch_size,
                        rank=rank, world_size=world_size, seed=train.seed, device=device, augment=data.augment,
-                       reuse=data.reuse, exclude=data.exclude)
+                       reuse=data.reuse, exclude=data.exclude, latent_only=True)  # no model here looks finer
 
 
 def _no_augment() -> DataConfig:
