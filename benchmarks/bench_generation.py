@@ -6,11 +6,11 @@ with `focusing.image_to_3d.generate`, and measure F@0.005 / Chamfer of the gener
 the normalised frame (`focusing.eval.metrics.surface_metrics`, the generated mesh is in that frame). Prints a
 table, writes OUT/generation.json and OUT/grid-train.png, OUT/grid-heldout.png (condition image | generated
 mesh rendered from the same camera). Target (issue 12): F >= 0.8 on every training mesh.
-With --stages (default) each mesh also says where the shape is lost, stage by stage (`stage_scores`): the
+Unless --no-stages, each mesh also says where the shape is lost, stage by stage (`stage_scores`): the
 structure's IoU against the mesh's own latent voxels, the structure VAE's reconstruction IoU of those voxels, F
-of the latent flow sampled on the true structure, and F of the shape VAE's own reconstruction (the ceiling). With --max-minutes
-no mesh is started that might not finish inside the budget (the longest mesh so far, times 1.5); the meshes left
-are counted as not run, and the JSON is written after each set.
+of the latent flow sampled on the true structure, and F of the shape VAE's own reconstruction (the ceiling).
+With --max-minutes no mesh is started that might not finish inside the budget (the longest mesh so far, times
+1.5); the meshes left are counted as not run, and the JSON is written after each set.
 
     python benchmarks/bench_generation.py --checkpoint checkpoints/gen --train .devdata/gen32.safetensors \
         --train-count 32 --heldout .devdata/heldout8.safetensors --heldout-count 8 --out $OUT/gen
@@ -128,15 +128,14 @@ def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, 
         except FocusingError:
             return 0.0
 
-    grid = gen.structure_vae.config.resolution
-    truth = encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed).z
-    device = coords.device
     svae = gen.structure_vae
-    occ = occupancy_grid(truth.coords.to(device), 1, grid)
-    rebuilt = occupied_coords(svae.decode(svae.encode(occ).mean))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    on_truth = generate_latent(gen, image, truth.coords.to(device), generator, sampler)
-    return {"structure_iou": _iou(coords, truth.coords, grid), "structure_vae_iou": _iou(rebuilt, truth.coords, grid),
+    grid = svae.config.resolution
+    truth = encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed).z
+    true_coords = truth.coords.to(coords.device)
+    rebuilt = occupied_coords(svae.decode(svae.encode(occupancy_grid(true_coords, 1, grid)).mean))
+    generator = torch.Generator(device=coords.device).manual_seed(seed)
+    on_truth = generate_latent(gen, image, true_coords, generator, sampler)
+    return {"structure_iou": _iou(coords, true_coords, grid), "structure_vae_iou": _iou(rebuilt, true_coords, grid),
             "latent_flow_fscore": fscore(on_truth), "shape_vae_fscore": fscore(truth)}
 
 

@@ -229,12 +229,12 @@ def run_chain(args) -> dict:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = {stage: PLAN[stage] for stage in args.stages}
     summary = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "args": vars(args),
-               "plan_minutes": {stage: PLAN[stage] for stage in args.stages}, "stages": {}}
+               "plan_minutes": plan, "stages": {}}
     needs = {"structure-vae": None, "structure-flow": str(work / "generator" / "structure-vae"),
              "latent-flow": args.shape_vae}
-    plan = {stage: PLAN[stage] for stage in args.stages}
     for stage in stages_needed(args.stages):
         shutil.copytree(Path(args.exports) / stage, work / "generator" / stage)
     try:
@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = p.parse_args(argv)
     if args.command == "run":
         args.stages = [s for s in args.stages.split(",") if s]
-        if not args.stages or any(s not in PLAN for s in args.stages) or args.stages != sorted(args.stages, key=list(PLAN).index):
+        order = list(PLAN).index
+        if not args.stages or any(s not in PLAN for s in args.stages) or args.stages != sorted(args.stages, key=order):
             p.error(f"--stages: expected some of {','.join(PLAN)}, in that order")
         missing = [s for s in stages_needed(args.stages) if not (args.exports and (Path(args.exports) / s).is_dir())]
         if missing:

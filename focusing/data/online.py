@@ -159,9 +159,8 @@ def build_sample(
     tsdf_truncation: also the corners [M, 3] of the R-level voxels and their corner TSDF [M] (normalised units,
     `focusing.data.tsdf.corner_tsdf` truncated at that many voxels), the target of the TSDF warm-up.
     latent_only: the voxels at R/4 alone (`voxels_latent`, exact voxelisation there: the same set as the
-    pyramid's), for models that never look finer (the generator's); ~8x cheaper at R = 256."""
-    if latent_only and tsdf_truncation is not None:
-        raise FocusingError("the corner TSDF needs the R-level voxels: latent_only excludes tsdf_truncation")
+    pyramid's), for models that never look finer (the generator's); ~8x cheaper at R = 256. Not with
+    tsdf_truncation (the TSDF lives on the R-level voxels)."""
     rng, torch_seed = _seeds(key)
     if augment is not None:
         mesh = augment_mesh(mesh, augment, rng)
