@@ -1,6 +1,7 @@
 """Time to build one training sample on the device from the packed corpus (`focusing.data.online`), by stage:
 decode (unpack one mesh), augment (rotation + stretch + re-normalise, CPU float64), sample (P oriented points,
-torch), pyramid (exact voxels at R, coarsened to R/2, R/4), for each R and P. Then, unless --no-overlap, the
+torch), pyramid (exact voxels at R, coarsened to R/2, R/4), for each R and P; apart, the exact voxels at R/4
+alone (latent_only, what the generator's batches build instead of the pyramid). Then, unless --no-overlap, the
 question that decides `reuse`: does building overlap training? A stand-in training step (bf16 matmuls on the
 default stream, --step-ms long) runs alone, then with the batch built synchronously before it, then with the
 background builder (`prefetch`, own CUDA stream) fetching the next batch.
@@ -42,7 +43,7 @@ def time_stages(corpus, index: int, resolution: int, points: int, device: torch.
     the warm-up's corner TSDF of the R-level voxels (`corner_targets`); None = not timed (0)."""
     from focusing.data.online import (AugmentConfig, _generator, _seeds, augment_mesh, corner_targets,
                                       sample_surface_torch)
-    from focusing.data.voxelize import voxel_pyramid
+    from focusing.data.voxelize import voxel_pyramid, voxelize
 
     seconds = {}
     t = time.perf_counter()
@@ -63,11 +64,15 @@ def time_stages(corpus, index: int, resolution: int, points: int, device: torch.
     _sync(device)
     seconds["pyramid"] = time.perf_counter() - t
     t = time.perf_counter()
+    voxelize(mesh, resolution // 4, device=device)  # what a latent_only batch builds instead of the pyramid
+    _sync(device)
+    latent = time.perf_counter() - t
+    t = time.perf_counter()
     if tsdf is not None:
         corner_targets(mesh, pyramid[resolution], resolution, tsdf)
         _sync(device)
     seconds["tsdf"] = time.perf_counter() - t if tsdf is not None else 0.0
-    return {"seconds": seconds, "faces": len(mesh.faces), "voxels": len(pyramid[resolution])}
+    return {"seconds": seconds, "latent_only": latent, "faces": len(mesh.faces), "voxels": len(pyramid[resolution])}
 
 
 def stage_table(args, corpus, device) -> list[dict]:
@@ -85,6 +90,7 @@ def stage_table(args, corpus, device) -> list[dict]:
             for stage in STAGES:
                 row[f"{stage}_ms"] = 1000 * statistics.fmean(r["seconds"][stage] for r in runs)
             row["total_ms"] = sum(row[f"{s}_ms"] for s in STAGES)
+            row["latent_only_ms"] = 1000 * statistics.fmean(r["latent_only"] for r in runs)  # not in the total
             row["max_total_ms"] = 1000 * max(sum(r["seconds"].values()) for r in runs)
             rows.append(row)
             print(f"R={resolution} P={points}: {row['total_ms']:.1f} ms/sample", file=sys.stderr)
@@ -163,11 +169,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\n{name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, corpus {len(corpus)} meshes")
     print("| R | P | meshes | median faces | mean voxels (R) | " + " | ".join(f"{s} ms" for s in STAGES)
-          + " | total ms | max ms |")
-    print("|---:" * (7 + len(STAGES)) + "|")
+          + " | total ms | max ms | R/4 alone ms |")
+    print("|---:" * (8 + len(STAGES)) + "|")
     for r in rows:
         print(f"| {r['resolution']} | {r['points']:,} | {r['samples']} | {r['median_faces']:,} | {r['mean_voxels']:,} | "
-              + " | ".join(f"{r[f'{s}_ms']:.1f}" for s in STAGES) + f" | **{r['total_ms']:.1f}** | {r['max_total_ms']:.1f} |")
+              + " | ".join(f"{r[f'{s}_ms']:.1f}" for s in STAGES) + f" | **{r['total_ms']:.1f}** | {r['max_total_ms']:.1f} | {r['latent_only_ms']:.1f} |")
     result = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "stages": rows}
     if not args.no_overlap:
         result["overlap"] = overlap(args, device)
