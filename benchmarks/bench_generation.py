@@ -8,7 +8,8 @@ table, writes OUT/generation.json and OUT/grid-train.png, OUT/grid-heldout.png (
 mesh rendered from the same camera). Target (issue 12): F >= 0.8 on every training mesh.
 Unless --no-stages, each mesh also says where the shape is lost, stage by stage (`stage_scores`): the
 structure's IoU against the mesh's own latent voxels, the structure VAE's reconstruction IoU of those voxels, F
-of the latent flow sampled on the true structure, and F of the shape VAE's own reconstruction (the ceiling).
+of the latent flow sampled on the true structure, and F of the shape VAE's own reconstruction (the ceiling);
+and how much each flow uses its condition (`condition_gain`: 1 - its loss with the view / its loss without).
 With --max-minutes no mesh is started that might not finish inside the budget (the longest mesh so far, times
 1.5); the meshes left are counted as not run, and the JSON is written after each set.
 
@@ -98,7 +99,9 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tup
     return rows, images, 0
 
 
-STAGES = ("structure_iou", "structure_vae_iou", "latent_flow_fscore", "shape_vae_fscore")
+STAGES = ("structure_iou", "structure_vae_iou", "latent_flow_fscore", "shape_vae_fscore", "structure_flow_gain",
+          "latent_flow_gain")
+GAIN_TS = (0.3, 0.5, 0.7, 0.9)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor, grid: int) -> float:
@@ -110,12 +113,34 @@ def _iou(a: torch.Tensor, b: torch.Tensor, grid: int) -> float:
 
 
 @torch.no_grad()
+def condition_gain(predict, x0: torch.Tensor, cond: torch.Tensor, seed: int) -> float:
+    """1 - (flow MSE with the mesh's view) / (flow MSE with no view, the zero condition of CFG), over t in GAIN_TS
+    with one seeded noise: ~0 while the flow ignores the view, towards 1 as the view determines the latent (a
+    memorised training mesh). x0: one item, normalised, `[1, C, G, G, G]` (dense) or rows `[N, C]` (sparse);
+    predict(x_t, t `[1]`, cond) -> velocity like x0; cond `[1, T, D]`."""
+    from focusing.flow import diffuse, velocity
+
+    generator = torch.Generator(device=x0.device).manual_seed(seed)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    target = velocity(x0, eps)
+    mse = []
+    for c in (cond, torch.zeros_like(cond)):
+        err = 0.0
+        for t in GAIN_TS:
+            tt = torch.full((1,), t, device=x0.device)
+            err += float(((predict(diffuse(x0, tt, eps), tt, c).float() - target) ** 2).mean())
+        mse.append(err)
+    return 1.0 - mse[0] / max(mse[1], 1e-12)
+
+
+@torch.no_grad()
 def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, seed: int) -> dict:
     """Where a generated shape is lost (one mesh in the normalised frame, its condition `[3, H, W]` and the
     generated structure `coords` `[N, 4]`): `structure_iou` (generated structure vs the mesh's latent voxels),
     `structure_vae_iou` (the structure VAE's reconstruction of those voxels, the structure flow's ceiling),
     `latent_flow_fscore` (F@0.005 of the latent flow sampled on the true voxels), `shape_vae_fscore` (the shape
-    VAE's reconstruction, the ceiling of the whole chain). A stage that yields no surface scores 0."""
+    VAE's reconstruction, the ceiling of the whole chain), `structure_flow_gain` / `latent_flow_gain`
+    (`condition_gain` of each flow on the mesh's true latents). A stage that yields no surface scores 0."""
     from focusing.errors import FocusingError
     from focusing.eval.metrics import surface_metrics
     from focusing.image_to_3d import decode, generate_latent
@@ -135,8 +160,15 @@ def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, 
     rebuilt = occupied_coords(svae.decode(svae.encode(occupancy_grid(true_coords, 1, grid)).mean))
     generator = torch.Generator(device=coords.device).manual_seed(seed)
     on_truth = generate_latent(gen, image, true_coords, generator, sampler)
+    sflow, lflow = gen.structure_flow, gen.latent_flow
+    image = image[None].to(coords.device)
+    structure = sflow.normalize(svae.encode(occupancy_grid(true_coords, 1, grid)).mean.float(), 1)
+    rows = truth.replace(lflow.normalize(truth.feats.float(), 1))
     return {"structure_iou": _iou(coords, true_coords, grid), "structure_vae_iou": _iou(rebuilt, true_coords, grid),
-            "latent_flow_fscore": fscore(on_truth), "shape_vae_fscore": fscore(truth)}
+            "latent_flow_fscore": fscore(on_truth), "shape_vae_fscore": fscore(truth),
+            "structure_flow_gain": condition_gain(sflow, structure, sflow.encode_condition(image), seed),
+            "latent_flow_gain": condition_gain(lambda x, t, c: lflow(rows.replace(x), t, c).feats, rows.feats,
+                                               lflow.encode_condition(image), seed)}
 
 
 def summarize(rows: list[dict], not_run: dict[str, int]) -> dict:
@@ -194,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"device": device, "args": vars(args), "summary": summarize(rows, not_run), "rows": rows}
         write_text_atomic(out / "generation.json", json.dumps(result, indent=1) + "\n")
     print("\n| set | meshes | mean F@0.005 | meshes with F >= 0.8 | structure IoU | structure VAE IoU "
-          "| F, latent flow on the true structure | F, shape VAE |\n|---|---|---|---|---|---|---|---|")
+          "| F, latent flow on the true structure | F, shape VAE | structure flow's condition gain "
+          "| latent flow's condition gain |\n|---|---|---|---|---|---|---|---|---|---|")
     for label, s in result["summary"].items():
         skipped = f" ({s['not_run']} not run)" if s["not_run"] else ""
         stages = " | ".join(f"{s[f'mean_{k}']:.3f}" if f"mean_{k}" in s else "-" for k in STAGES)
