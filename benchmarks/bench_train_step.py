@@ -27,7 +27,9 @@ Inference: `focusing.inference.reconstruct_mesh` (tiled) at `--inference-resolut
 The weights are random (initialised with the seed, not trained). A training step's cost does not depend on the
 weights' values (children are pruned by the GT occupancy, the decoded set by the selection), except through the
 predicted mesh's triangle count; at inference the upsamplers prune by their (random) logits, so the output
-voxel and face counts, hence the decoder's fine levels and the extraction, are not those of a trained model.
+voxel and face counts, hence the decoder's fine levels and the extraction, are not those of a trained model:
+`--checkpoint FOLDER` adds the inference cases with trained weights (e.g. the shipped focusing-S), whose sizes
+are; `--configs ''` leaves the random-weight models out.
 """
 
 from __future__ import annotations
@@ -516,7 +518,8 @@ def print_all(results: dict) -> None:
         print("\n## Where a step goes (median ms per phase; 'other' = rest of the forward)\n")
         print(phase_table(results["train"]))
     if results["inference"]:
-        print("\n## Inference: reconstruct_mesh, tiled (random weights: output sizes are not a trained model's)\n")
+        print("\n## Inference: reconstruct_mesh, tiled (random weights, whose output sizes are not a trained model's, "
+              "except the rows marked trained)\n")
         print(inference_table(results["inference"]))
 
 
@@ -540,7 +543,11 @@ def merge(paths: list[Path]) -> dict:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--configs", default="B,S", help="comma-separated configs/<name>.yaml (or .yaml paths)")
+    ap.add_argument("--configs", default="B,S",
+                    help="comma-separated configs/<name>.yaml (or .yaml paths), random weights ('' = none)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="also the inference cases with these trained weights (an export folder, e.g. "
+                    "checkpoints/focusing-s): output sizes of a trained model")
     ap.add_argument("--checkpointing", default="config",
                     help=f"comma-separated variants of {CHECKPOINTING}: config (as the YAML says), none, blocks "
                     f"(transformer blocks), all (blocks + PointNet in checkpointed chunks of --pointnet-chunk points)")
@@ -610,12 +617,14 @@ def main(argv=None) -> dict:
     results = {
         "device": str(device), "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "gpu_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
-        "weights": f"random: initialised with seed {args.seed}, not trained",
+        "weights": f"random: initialised with seed {args.seed}, not trained"
+                   + (f"; inference also with the trained {args.checkpoint}" if args.checkpoint else ""),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "meshes": {n: MESHES.get(n, "") for n in args.names.split(",")}, "train": [], "inference": [],
     }
     print(f"# bench_train_step on {device} ({machine}), torch {torch.__version__}, {torch.get_num_threads()} threads;"
-          f" {args.image}^2 renders, batch 1, {args.warmup} warm-up + {args.steps} steps; weights random (not trained)")
+          f" {args.image}^2 renders, batch 1, {args.warmup} warm-up + {args.steps} steps; weights random (not trained)"
+          + (f", inference also with {args.checkpoint}" if args.checkpoint else ""))
     started = time.monotonic()
 
     def out_of_time() -> bool:
@@ -623,11 +632,31 @@ def main(argv=None) -> dict:
 
     folders = mesh_folders(args.meshes)
     names = args.names.split(",")
+
+    def run_inferences(model, config_name: str, ckpt: str) -> None:
+        """The inference rows of one model: --inference-names x --inference-resolutions."""
+        if args.no_inference or not _ints(args.inference_resolutions):
+            return
+        model.eval()
+        inf_names = args.inference_names.split(",") if args.inference_names else names + [BIG_MESH]
+        for name in inf_names:
+            path = find_mesh(name, folders, Path(workdir))
+            for R in _ints(args.inference_resolutions):
+                row = {"config": config_name, "checkpointing": ckpt, "mesh": name, "resolution": R}
+                if out_of_time():
+                    row.update(status="not run", error="--max-minutes reached", input_faces=0)
+                else:
+                    row.update(run_inference(model, path, R, args.inference_points or DEFAULT_POINTS,
+                                             args.tile or None, device))
+                results["inference"].append(row)
+                print(f"  inference {name} R={R}: {row['status']} {_fmt(row.get('seconds'), '.2f')} s, "
+                      f"peak {_fmt(row.get('peak_gib'), '.2f')} GiB", flush=True)
+                write_json(results, args.json)
     resolutions = _ints(args.resolutions)
     modes = args.modes.split(",")
     batches: dict = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for config_name in args.configs.split(","):
+        for config_name in [c for c in args.configs.split(",") if c]:
             for ckpt in args.checkpointing.split(","):
                 cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk)
                 torch.manual_seed(args.seed)
@@ -667,25 +696,18 @@ def main(argv=None) -> dict:
                             add_ratios(results["train"])
                             write_json(results, args.json)
                 batches.clear()
-                if not args.no_inference and _ints(args.inference_resolutions):
-                    model.eval()
-                    inf_names = (args.inference_names.split(",") if args.inference_names else names + [BIG_MESH])
-                    for name in inf_names:
-                        path = find_mesh(name, folders, Path(workdir))
-                        for R in _ints(args.inference_resolutions):
-                            row = {"config": config_name, "checkpointing": ckpt, "mesh": name, "resolution": R}
-                            if out_of_time():
-                                row.update(status="not run", error="--max-minutes reached", input_faces=0)
-                            else:
-                                row.update(run_inference(model, path, R, args.inference_points or DEFAULT_POINTS,
-                                                         args.tile or None, device))
-                            results["inference"].append(row)
-                            print(f"  inference {name} R={R}: {row['status']} "
-                                  f"{_fmt(row.get('seconds'), '.2f')} s, peak {_fmt(row.get('peak_gib'), '.2f')} GiB",
-                                  flush=True)
-                            write_json(results, args.json)
+                run_inferences(model, config_name, ckpt)
                 del model
                 free_memory(device)
+        if args.checkpoint is not None:
+            from focusing.inference import load_vae
+
+            model = load_vae(args.checkpoint, device)
+            print(f"\n{args.checkpoint.name} (trained weights): {count_parameters(model) / 1e6:.1f}M parameters",
+                  flush=True)
+            run_inferences(model, f"{args.checkpoint.name} (trained)", "none")
+            del model
+            free_memory(device)
     add_ratios(results["train"])
     print_all(results)
     write_json(results, args.json)

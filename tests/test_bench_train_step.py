@@ -142,3 +142,16 @@ def test_cuda_quick_case(bench, tmp_path):
     for r in results["train"]:
         assert r["status"] == "ok" and r["peak_gib"] > 0 and r["base_gib"] is not None
         assert r["vs_frustum"]["peak_gib"] is not None
+
+
+def test_checkpoint_adds_inference_with_trained_weights(bench, tmp_path):
+    """--checkpoint: inference rows with the shipped weights (trained output sizes); --configs '' runs no
+    random-weight model."""
+    from focusing.inference import SHIPPED
+
+    results = bench.main(tiny_args(tmp_path, "--configs", "", "--checkpoint", str(SHIPPED), "--inference-resolutions",
+                                   "32", "--inference-names", "fandisk"))
+    assert results["train"] == [] and "trained" in results["weights"]
+    (row,) = results["inference"]
+    assert row["config"] == f"{SHIPPED.name} (trained)" and row["status"] == "ok", row
+    assert row["latent"] > 0 and row["faces"] > 0 and row["seconds"] > 0
