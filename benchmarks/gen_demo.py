@@ -149,6 +149,7 @@ def train_stage(stage: str, args, work: Path, minutes: float, needs: str | None)
            "--set", f"data.source={args.train}"]
     cmd += ["--set", f"{key}={needs}"] if key else []
     cmd += [a for item in args.set if item.startswith(stage + ":") for a in ("--set", item.split(":", 1)[1])]
+    cmd += [a for item in args.init if item.startswith(stage + "=") for a in ("--init-from", item.split("=", 1)[1])]
     cmd += ["--device", args.device] if args.device else []
     deadline = time.monotonic() + 60.0 * minutes
     code, last = run_logged(cmd, work / "logs" / f"{stage}.log", 60.0 * (minutes - EXPORT_MINUTES) + GRACE_SECONDS)
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     r.add_argument("--cfg", type=float, default=6.0, help="guidance weight w of the evaluation (default 6)")
     r.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="a config override of one training, e.g. structure-vae:train.steps=3 (repeatable)")
+    r.add_argument("--init", action="append", default=[], metavar="STAGE=FOLDER",
+                   help="start that training from these weights (`focusing train --init-from`: an export or a "
+                   "checkpoint, e.g. an earlier call's), with a fresh optimiser and schedule (repeatable)")
     r.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     r.add_argument("--stages", default=",".join(PLAN),
                    help="the stages to run, in the chain's order (default all): split the chain over device calls")
@@ -300,6 +304,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         for item in args.set:
             if item.split(":", 1)[0] not in TRAININGS or "=" not in item:
                 p.error(f"--set {item!r}: expected STAGE:KEY=VALUE with STAGE one of {', '.join(TRAININGS)}")
+        for item in args.init:
+            stage, _, folder = item.partition("=")
+            if stage not in TRAININGS or not folder or not Path(folder).is_dir():
+                p.error(f"--init {item!r}: expected STAGE=FOLDER with STAGE one of {', '.join(TRAININGS)} and "
+                        f"FOLDER an existing export or checkpoint folder")
     if args.command == "data":
         pack_sets(Path(args.base), Path(args.heldout), Path(args.out_dir))
         return None

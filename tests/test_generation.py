@@ -332,6 +332,13 @@ def test_gen_demo_split_over_calls_needs_the_earlier_exports(tmp_path):
     with pytest.raises(SystemExit, match="gen32"):  # the arguments pass; the packed set is what is missing
         demo.main(base + ["--stages", "latent-flow,evaluation", "--exports", str(tmp_path / "gen-a"),
                           "--train", str(tmp_path / "gen32.safetensors")])
+    split = base + ["--stages", "latent-flow,evaluation", "--exports", str(tmp_path / "gen-a"),
+                    "--train", str(tmp_path / "gen32.safetensors")]
+    for bad in ("latent-flow=" + str(tmp_path / "nowhere"), "evaluation=" + str(tmp_path / "gen-a"), "latent-flow"):
+        with pytest.raises(SystemExit, match="2"):  # argparse's usage error
+            demo.main(split + ["--init", bad])
+    with pytest.raises(SystemExit, match="gen32"):  # a starting point for a training passes
+        demo.main(split + ["--init", "latent-flow=" + str(tmp_path / "gen-a" / "structure-flow")])
 
 
 def test_gen_demo_training_set_selection(tmp_path):
