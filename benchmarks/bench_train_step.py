@@ -45,10 +45,12 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -181,6 +183,82 @@ class PhaseTimer:
                 h.remove()
 
 
+# ---------------------------------------------------------------------------------------------- host syncs
+SYNC_OPS = {"aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+            "aten::unique_consecutive", "aten::_local_scalar_dense", "aten::bincount"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Aten ops one step dispatches, per phase of `timer` (its outermost; "other" outside every phase of the
+    forward, "backward" inside loss.backward()), and the host syncs among them: ops after which the host waits
+    for the device because it reads a size or a value the device computes (SYNC_OPS: nonzero, unique,
+    masked_select, bincount, item / bool(tensor); boolean-mask indexing; repeat_interleave without output_size;
+    copies from the device to the host). Each sync is also counted by its call site, the innermost frame in
+    focusing/ ("autograd" in the backward). The CPU dispatches the same ops (it just does not wait), so a CPU run
+    counts what a GPU step syncs, except inside the renderer, whose GPU path is Triton."""
+
+    def __init__(self, timer: PhaseTimer):
+        super().__init__()
+        self.timer = timer
+        self.backward = False
+        self.ops: dict[str, int] = {}
+        self.syncs: dict[str, int] = {}
+        self.sites: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def is_sync(func, args, kwargs) -> bool:
+        name = func._schema.name
+        if name in SYNC_OPS:
+            return True
+        if name == "aten::repeat_interleave":
+            return kwargs.get("output_size", args[3] if len(args) > 3 else None) is None
+        if name in ("aten::index", "aten::index_put", "aten::index_put_"):
+            return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if name in ("aten::_to_copy", "aten::copy_"):
+            src = args[1] if name == "aten::copy_" else args[0]
+            dst = args[0].device if name == "aten::copy_" else kwargs.get("device") or src.device
+            return torch.is_tensor(src) and src.device.type != "cpu" and torch.device(dst).type == "cpu"
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name.startswith("profiler::"):  # PhaseTimer's own record_function ranges
+            return func(*args, **kwargs)
+        phase = "backward" if self.backward else (self.timer.active if self.timer.depth else "other")
+        self.ops[phase] = self.ops.get(phase, 0) + 1
+        if self.is_sync(func, args, kwargs):
+            self.syncs[phase] = self.syncs.get(phase, 0) + 1
+            site = "autograd" if self.backward else next(
+                (f"{Path(f.filename).relative_to(ROOT)}:{f.lineno}" for f in reversed(traceback.extract_stack())
+                 if Path(f.filename).is_relative_to(ROOT / "focusing")), "?")
+            key = (site, func._schema.name)
+            self.sites[key] = self.sites.get(key, 0) + 1
+        return func(*args, **kwargs)
+
+
+def count_ops(model, objective, batch, device, seed: int, index: int, first_step: int, top: int) -> dict:
+    """One step under `OpCounter`: aten ops and host syncs per phase, and the `top` sync sites; printed."""
+    timer = PhaseTimer(device)
+    counter = OpCounter(timer)
+    with timer.install(model), counter:
+        with autocast(device):
+            result = objective(model, batch, step=first_step + index, generator=step_generator(device, seed, index))
+        loss = result.loss.float()
+        counter.backward = True
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    timer.read()
+    phases = {p: {"ops": counter.ops.get(p, 0), "syncs": counter.syncs.get(p, 0)} for p in PHASES}
+    sites = sorted(counter.sites.items(), key=lambda kv: -kv[1])[:top]
+    out = {"ops": sum(counter.ops.values()), "syncs": sum(counter.syncs.values()), "phases": phases,
+           "sync_sites": [{"site": s, "op": op, "count": n} for (s, op), n in sites]}
+    print(f"  aten ops {out['ops']:,}, host syncs {out['syncs']:,}; per phase (ops / syncs): "
+          + ", ".join(f"{p} {v['ops']:,} / {v['syncs']}" for p, v in phases.items() if v["ops"]), flush=True)
+    for row in out["sync_sites"]:
+        print(f"    {row['count']:5d}  {row['op']:28s} {row['site']}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- set-up
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -267,9 +345,10 @@ def _reset_peak(device: torch.device) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- one case
 def measure_case(model, objective, batch, device, *, steps: int, warmup: int, seed: int, first_step: int,
-                 case_seconds: float | None = None, profile: int = 0, trace: Path | None = None) -> dict:
+                 case_seconds: float | None = None, profile: int = 0, trace: Path | None = None,
+                 ops: int = 0) -> dict:
     """Warm-up, then `steps` timed steps (phase breakdown on each; fewer, but at least MIN_STEPS, when they take
-    longer than `case_seconds` together), then optionally one profiled step."""
+    longer than `case_seconds` together), then optionally one profiled step and one step counting its ops."""
     for i in range(warmup):
         train_step(model, objective, batch, device, seed, i, first_step)
     free_memory(device)
@@ -304,6 +383,8 @@ def measure_case(model, objective, batch, device, *, steps: int, warmup: int, se
     if profile:
         out["profile"] = profile_step(model, objective, batch, device, seed, warmup + steps, first_step, profile,
                                       trace)
+    if ops:
+        out["ops"] = count_ops(model, objective, batch, device, seed, warmup + steps, first_step, ops)
     return out
 
 
@@ -571,6 +652,8 @@ def parse_args(argv):
     ap.add_argument("--profile", action="store_true", help="one more step per case under torch.profiler")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--trace", type=Path, default=None, help="chrome trace of the profiled step (per case suffix)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="one more step per case counting aten ops and host syncs per phase, and the sync sites")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new case after this")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true",
@@ -690,7 +773,8 @@ def main(argv=None) -> dict:
                                                     warmup=args.warmup, seed=args.seed,
                                                     first_step=cfg.loss.tsdf_steps,
                                                     case_seconds=args.case_seconds,
-                                                    profile=args.profile_top if args.profile else 0, trace=trace))
+                                                    profile=args.profile_top if args.profile else 0, trace=trace,
+                                                    ops=args.profile_top if args.count_ops else 0))
                             results["train"].append(row)
                             _print_case(row)
                             add_ratios(results["train"])

@@ -155,3 +155,38 @@ def test_checkpoint_adds_inference_with_trained_weights(bench, tmp_path):
     (row,) = results["inference"]
     assert row["config"] == f"{SHIPPED.name} (trained)" and row["status"] == "ok", row
     assert row["latent"] > 0 and row["faces"] > 0 and row["seconds"] > 0
+
+
+def test_op_counter_tells_host_syncs_from_other_ops(bench):
+    timer = bench.PhaseTimer(torch.device("cpu"))
+    counter = bench.OpCounter(timer)
+    x = torch.tensor([0.0, 2.0, -1.0, 3.0])
+    reps = torch.tensor([1, 0, 2, 1])
+    with counter:
+        y = x + 1  # 1 op, no sync
+        with timer.phase("encoder"):
+            x.nonzero()  # sync
+            x[x > 0]  # gt + boolean indexing (sync)
+            x[torch.tensor([0, 3])]  # integer indexing: no sync
+            float(x.sum())  # sum + item (sync)
+            torch.repeat_interleave(x, reps)  # sync: the output size is read on the host
+            torch.repeat_interleave(x, reps, output_size=4)  # no sync
+            y[x > 0] = 0.0  # gt + boolean index_put (sync)
+    assert counter.syncs == {"encoder": 5}
+    assert counter.ops["other"] == 1 and counter.ops["encoder"] >= 10
+    sites = {(site.split(":")[0], op) for site, op in counter.sites}
+    assert sites == {("?", op) for op in ("aten::nonzero", "aten::index", "aten::_local_scalar_dense",
+                                           "aten::repeat_interleave", "aten::index_put_")}  # not called in focusing/
+
+
+def test_counted_step_reports_ops_and_syncs_per_phase_with_sites(bench, tmp_path, capsys):
+    results = bench.main(tiny_args(tmp_path, "--no-inference", "--modes", "carve+zoom", "--count-ops"))
+    (row,) = results["train"]
+    ops = row["ops"]
+    assert set(ops["phases"]) == set(bench.PHASES)
+    assert ops["ops"] == sum(p["ops"] for p in ops["phases"].values()) and ops["syncs"] > 0
+    for phase in ("pointnet", "encoder", "decoder", "upsample", "extract", "render_pred", "backward"):
+        assert ops["phases"][phase]["ops"] > 0, phase
+    sites = [s for s in ops["sync_sites"] if s["site"] != "autograd"]
+    assert sites and all(s["site"].startswith("focusing/") for s in sites)
+    assert "host syncs" in capsys.readouterr().out
