@@ -194,8 +194,8 @@ class OpCounter(TorchDispatchMode):
     for the device because it reads a size or a value the device computes (SYNC_OPS: nonzero, unique,
     masked_select, bincount, item / bool(tensor); boolean-mask indexing; repeat_interleave without output_size;
     copies from the device to the host). Each sync is also counted by its call site, the innermost frame in
-    focusing/ ("autograd" in the backward). The CPU dispatches the same ops (it just does not wait), so a CPU run
-    counts what a GPU step syncs, except inside the renderer, whose GPU path is Triton."""
+    focusing/ ("autograd" in the backward). A CPU run counts the same ops (it just does not wait) except where the
+    GPU takes another route: the Triton renderer and conv, the varlen attention kernel."""
 
     def __init__(self, timer: PhaseTimer):
         super().__init__()
