@@ -9,7 +9,10 @@ mesh rendered from the same camera). Target (issue 12): F >= 0.8 on every traini
 Unless --no-stages, each mesh also says where the shape is lost, stage by stage (`stage_scores`): the
 structure's IoU against the mesh's own latent voxels, the structure VAE's reconstruction IoU of those voxels, F
 of the latent flow sampled on the true structure, and F of the shape VAE's own reconstruction (the ceiling);
-and how much each flow uses its condition (`condition_gain`: 1 - its loss with the view / its loss without).
+how much each flow uses its condition (`condition_gain`: 1 - its loss with the view / its loss without); and
+which of the --train-count training structures the generated one is nearest (`nearest_structure`: a generator
+that memorised its training shapes but misreads the view gives back another training mesh), with the count of
+training meshes given back as themselves ("identified").
 With --max-minutes no mesh is started that might not finish inside the budget (the longest mesh so far, times
 1.5); the meshes left are counted as not run, and the JSON is written after each set.
 
@@ -53,8 +56,30 @@ class Budget:
         self.longest = max(self.longest, seconds)
 
 
-def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tuple[list[dict], dict, int]:
-    """Rows and grid images of the first `count` meshes of `spec`, and how many were not run (budget)."""
+def training_structures(gen, spec: str, count: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """(name, latent voxels `[N, 4]` at the structure grid) of the first `count` meshes of `spec`: what the
+    generator was trained to give back."""
+    from focusing.inference import encode_mesh
+
+    collection = _collection(spec)
+    grid = gen.structure_vae.config.resolution
+    return [(collection.names[i], encode_mesh(gen.shape_vae, collection.mesh(i), 4 * grid, seed=seed).z.coords)
+            for i in range(min(count, len(collection)))]
+
+
+def nearest_structure(coords: torch.Tensor, references: list[tuple[str, torch.Tensor]], grid: int) -> dict:
+    """The reference whose voxels best match `coords` `[N, 4]`: {"nearest_mesh", "nearest_iou"}. A generator
+    that memorised its training shapes but misreads the view gives back another training mesh: high
+    nearest_iou, wrong nearest_mesh."""
+    ious = [_iou(coords, ref, grid) for _, ref in references]
+    best = max(range(len(ious)), key=ious.__getitem__)
+    return {"nearest_mesh": references[best][0], "nearest_iou": ious[best]}
+
+
+def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
+            references: list | None = None) -> tuple[list[dict], dict, int]:
+    """Rows and grid images of the first `count` meshes of `spec`, and how many were not run (budget); with
+    `references` (`training_structures`), each row also names the training structure nearest to its own."""
     from focusing.eval.metrics import surface_metrics
     from focusing.flow import SamplerConfig
     from focusing.image_to_3d import decode, sample_latent
@@ -83,6 +108,8 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tup
                    "faces": len(out.faces)}
             if args.stages:
                 row.update(stage_scores(gen, mesh, image, z.coords, sampler, args.seed))
+            if references:
+                row.update(nearest_structure(z.coords, references, gen.structure_vae.config.resolution))
             row["seconds"] = time.perf_counter() - t0
             picture = render_condition(torch.as_tensor(out.vertices, dtype=torch.float32),
                                        torch.as_tensor(out.faces, dtype=torch.int64), cam)
@@ -95,6 +122,8 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget) -> tup
         images[f"{name} cond"] = image.permute(1, 2, 0)
         images[f"{name} F={row['fscore']:.2f}"] = picture.permute(1, 2, 0)
         stages = "  ".join(f"{k} {row[k]:.3f}" for k in STAGES if k in row)
+        if "nearest_mesh" in row:
+            stages += f"  nearest {Path(row['nearest_mesh']).stem[:24]} {row['nearest_iou']:.3f}"
         print(f"{label:8s} {collection.names[i]:40s} F@0.005 {row['fscore']:.3f}  {stages}{row.get('error', '')}")
     return rows, images, 0
 
@@ -179,10 +208,12 @@ def summarize(rows: list[dict], not_run: dict[str, int]) -> dict:
         f = [r["fscore"] for r in rows if r["set"] == label]
         summary[label] = {"meshes": len(f), "not_run": skipped, "mean_fscore": sum(f) / max(len(f), 1),
                           "at_least_0.8": sum(x >= 0.8 for x in f)}
-        for key in STAGES:
+        for key in STAGES + ("nearest_iou",):
             got = [r[key] for r in rows if r["set"] == label and key in r]
             if got:
                 summary[label][f"mean_{key}"] = sum(got) / len(got)
+        if label == "train" and any("nearest_mesh" in r for r in rows):
+            summary[label]["identified"] = sum(r.get("nearest_mesh") == r["mesh"] for r in rows if r["set"] == label)
     return summary
 
 
@@ -219,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                         if args.heldout else [])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows, not_run, result = [], {}, {}
+    references = training_structures(gen, args.train, args.train_count, args.seed) if args.stages else None
     for label, spec, count in sets:
-        got, images, not_run[label] = run_set(gen, spec, count, args, label, budget)
+        got, images, not_run[label] = run_set(gen, spec, count, args, label, budget, references)
         rows += got
         if images:
             save_png(image_grid(images, columns=8), out / f"grid-{label}.png")
@@ -233,6 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
         skipped = f" ({s['not_run']} not run)" if s["not_run"] else ""
         stages = " | ".join(f"{s[f'mean_{k}']:.3f}" if f"mean_{k}" in s else "-" for k in STAGES)
         print(f"| {label} | {s['meshes']}{skipped} | {s['mean_fscore']:.3f} | {s['at_least_0.8']} | {stages} |")
+    if "identified" in result["summary"].get("train", {}):
+        s = result["summary"]["train"]
+        print(f"\ntraining meshes whose generated structure is nearest their own among the {len(references)} "
+              f"training structures: {s['identified']} of {s['meshes']} (mean IoU to the nearest "
+              f"{s['mean_nearest_iou']:.3f}, to their own {s['mean_structure_iou']:.3f})")
     return result
 
 

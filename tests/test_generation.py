@@ -483,6 +483,9 @@ def test_bench_generation_scores_what_generate_makes_and_each_stage(generator_fo
     for key in bench.STAGES:
         assert (0.0 <= row[key] <= 1.0) if "gain" not in key else (-10.0 < row[key] <= 1.0)
         assert result["summary"]["train"][f"mean_{key}"] == pytest.approx(row[key])
+    # one training mesh: it is its own nearest training structure, at the IoU against its own voxels
+    assert row["nearest_mesh"] == row["mesh"] and row["nearest_iou"] == pytest.approx(row["structure_iou"])
+    assert result["summary"]["train"]["identified"] == 1
 
 
 def test_bench_generation_condition_gain():
@@ -508,6 +511,20 @@ def test_bench_generation_condition_gain():
         assert bench.condition_gain(blind, x0, cond, seed=4) == pytest.approx(0.0)
         assert bench.condition_gain(told, x0, cond, seed=4) == pytest.approx(1.0)
         assert bench.condition_gain(half, x0, cond, seed=4) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_bench_generation_nearest_structure():
+    bench = _script("bench_generation")
+    box = torch.tensor([[0, x, y, z] for x in range(2) for y in range(2) for z in range(2)], dtype=torch.int32)
+    bar = torch.tensor([[0, 3, 3, z] for z in range(4)], dtype=torch.int32)
+    refs = [("box.glb", box), ("bar.glb", bar)]
+    assert bench.nearest_structure(box[:6], refs, 4) == {"nearest_mesh": "box.glb", "nearest_iou": 0.75}
+    assert bench.nearest_structure(torch.cat([bar, box[:1]]), refs, 4) == {"nearest_mesh": "bar.glb",
+                                                                          "nearest_iou": pytest.approx(0.8)}
+    summary = bench.summarize([{"set": "train", "mesh": "box.glb", "fscore": 0.5, "nearest_mesh": "bar.glb"},
+                               {"set": "train", "mesh": "bar.glb", "fscore": 0.9, "nearest_mesh": "bar.glb"}],
+                              {"train": 0})
+    assert summary["train"]["identified"] == 1
 
 
 def test_bench_generation_iou():
