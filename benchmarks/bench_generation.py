@@ -27,8 +27,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from focusing.sparse.tensor import SparseTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,22 +60,22 @@ class Budget:
         self.longest = max(self.longest, seconds)
 
 
-def training_structures(gen, spec: str, count: int, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """(name, latent voxels `[N, 4]` at the structure grid) of the first `count` meshes of `spec`: what the
-    generator was trained to give back."""
+def training_structures(gen, spec: str, count: int, seed: int) -> list[tuple[str, SparseTensor]]:
+    """(name, the shape VAE's latent `[N, C]` on its voxels at the structure grid) of the first `count` meshes of
+    `spec`: what the generator was trained to give back."""
     from focusing.inference import encode_mesh
 
     collection = _collection(spec)
     grid = gen.structure_vae.config.resolution
-    return [(collection.names[i], encode_mesh(gen.shape_vae, collection.mesh(i), 4 * grid, seed=seed).z.coords)
+    return [(collection.names[i], encode_mesh(gen.shape_vae, collection.mesh(i), 4 * grid, seed=seed).z)
             for i in range(min(count, len(collection)))]
 
 
-def nearest_structure(coords: torch.Tensor, references: list[tuple[str, torch.Tensor]], grid: int) -> dict:
+def nearest_structure(coords: torch.Tensor, references: list[tuple[str, SparseTensor]], grid: int) -> dict:
     """The reference whose voxels best match `coords` `[N, 4]`: {"nearest_mesh", "nearest_iou"}. A generator
     that memorised its training shapes but misreads the view gives back another training mesh: high
     nearest_iou, wrong nearest_mesh."""
-    ious = [_iou(coords, ref, grid) for _, ref in references]
+    ious = [_iou(coords, ref.coords, grid) for _, ref in references]
     best = max(range(len(ious)), key=ious.__getitem__)
     return {"nearest_mesh": references[best][0], "nearest_iou": ious[best]}
 
@@ -89,6 +93,7 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
     cfg = ConditionConfig(image_size=args.image_size)
     sampler = SamplerConfig(steps=args.steps, cfg=args.cfg)
     rows, images = [], {}
+    known = dict(references or [])  # a training mesh's latent, encoded once for both uses
     wanted = min(count, len(collection))
     for i in range(wanted):
         if not budget.allows():
@@ -107,7 +112,8 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
             row = {"set": label, "mesh": collection.names[i], "fscore": m.fscore, "chamfer": m.chamfer,
                    "faces": len(out.faces)}
             if args.stages:
-                row.update(stage_scores(gen, mesh, image, z.coords, sampler, args.seed))
+                truth = known.get(collection.names[i]) if label == "train" else None
+                row.update(stage_scores(gen, mesh, image, z.coords, sampler, args.seed, truth))
             if references:
                 row.update(nearest_structure(z.coords, references, gen.structure_vae.config.resolution))
             row["seconds"] = time.perf_counter() - t0
@@ -163,13 +169,15 @@ def condition_gain(predict, x0: torch.Tensor, cond: torch.Tensor, seed: int) -> 
 
 
 @torch.no_grad()
-def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, seed: int) -> dict:
+def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, seed: int,
+                 truth: SparseTensor | None = None) -> dict:
     """Where a generated shape is lost (one mesh in the normalised frame, its condition `[3, H, W]` and the
     generated structure `coords` `[N, 4]`): `structure_iou` (generated structure vs the mesh's latent voxels),
     `structure_vae_iou` (the structure VAE's reconstruction of those voxels, the structure flow's ceiling),
     `latent_flow_fscore` (F@0.005 of the latent flow sampled on the true voxels), `shape_vae_fscore` (the shape
     VAE's reconstruction, the ceiling of the whole chain), `structure_flow_gain` / `latent_flow_gain`
-    (`condition_gain` of each flow on the mesh's true latents). A stage that yields no surface scores 0."""
+    (`condition_gain` of each flow on the mesh's true latents). A stage that yields no surface scores 0.
+    `truth`: the mesh's latent when already encoded (`training_structures`), else encoded here."""
     from focusing.errors import FocusingError
     from focusing.eval.metrics import surface_metrics
     from focusing.image_to_3d import decode, generate_latent
@@ -184,7 +192,8 @@ def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, 
 
     svae = gen.structure_vae
     grid = svae.config.resolution
-    truth = encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed).z
+    if truth is None:
+        truth = encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed).z
     true_coords = truth.coords.to(coords.device)
     true_latent = svae.encode(occupancy_grid(true_coords, 1, grid)).mean
     rebuilt = occupied_coords(svae.decode(true_latent))

@@ -190,7 +190,7 @@ SYNC_OPS = {"aten::nonzero", "aten::masked_select", "aten::_unique", "aten::_uni
 
 class OpCounter(TorchDispatchMode):
     """Aten ops one step dispatches, per phase of `timer` (its outermost; "other" outside every phase of the
-    forward, "backward" inside loss.backward()), and the host syncs among them: ops after which the host waits
+    forward, "backward" while the autograd engine runs), and the host syncs among them: ops after which the host waits
     for the device because it reads a size or a value the device computes (SYNC_OPS: nonzero, unique,
     masked_select, bincount, item / bool(tensor); boolean-mask indexing; repeat_interleave without output_size;
     copies from the device to the host). Each sync is also counted by its call site, the innermost frame in
@@ -200,7 +200,6 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, timer: PhaseTimer):
         super().__init__()
         self.timer = timer
-        self.backward = False
         self.ops: dict[str, int] = {}
         self.syncs: dict[str, int] = {}
         self.sites: dict[tuple[str, str], int] = {}
@@ -224,11 +223,12 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func._schema.name.startswith("profiler::"):  # PhaseTimer's own record_function ranges
             return func(*args, **kwargs)
-        phase = "backward" if self.backward else (self.timer.active if self.timer.depth else "other")
+        backward = torch._C._current_graph_task_id() != -1  # inside the autograd engine
+        phase = "backward" if backward else (self.timer.active if self.timer.depth else "other")
         self.ops[phase] = self.ops.get(phase, 0) + 1
         if self.is_sync(func, args, kwargs):
             self.syncs[phase] = self.syncs.get(phase, 0) + 1
-            site = "autograd" if self.backward else next(
+            site = "autograd" if backward else next(
                 (f"{Path(f.filename).relative_to(ROOT)}:{f.lineno}" for f in reversed(traceback.extract_stack())
                  if Path(f.filename).is_relative_to(ROOT / "focusing")), "?")
             key = (site, func._schema.name)
@@ -240,12 +240,10 @@ def count_ops(model, objective, batch, device, seed: int, index: int, first_step
     """One step under `OpCounter`: aten ops and host syncs per phase, and the `top` sync sites; printed."""
     timer = PhaseTimer(device)
     counter = OpCounter(timer)
-    with timer.install(model), counter:
+    with timer.install(model), counter:  # train_step less its reading of the logs (syncs of its own)
         with autocast(device):
             result = objective(model, batch, step=first_step + index, generator=step_generator(device, seed, index))
-        loss = result.loss.float()
-        counter.backward = True
-        loss.backward()
+        result.loss.float().backward()
     model.zero_grad(set_to_none=True)
     timer.read()
     phases = {p: {"ops": counter.ops.get(p, 0), "syncs": counter.syncs.get(p, 0)} for p in PHASES}

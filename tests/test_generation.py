@@ -517,7 +517,8 @@ def test_bench_generation_nearest_structure():
     bench = _script("bench_generation")
     box = torch.tensor([[0, x, y, z] for x in range(2) for y in range(2) for z in range(2)], dtype=torch.int32)
     bar = torch.tensor([[0, 3, 3, z] for z in range(4)], dtype=torch.int32)
-    refs = [("box.glb", box), ("bar.glb", bar)]
+    refs = [(name, SparseTensor(c, torch.zeros(len(c), 8), batch_size=1, resolution=4))
+            for name, c in (("box.glb", box), ("bar.glb", bar))]
     assert bench.nearest_structure(box[:6], refs, 4) == {"nearest_mesh": "box.glb", "nearest_iou": 0.75}
     assert bench.nearest_structure(torch.cat([bar, box[:1]]), refs, 4) == {"nearest_mesh": "bar.glb",
                                                                           "nearest_iou": pytest.approx(0.8)}
