@@ -14,7 +14,10 @@ warm-up: `step` >= loss.tsdf_steps), without the optimiser (no AdamW state: add 
 for B). Modes (`--modes`): none, frustum (TripoSF's sectional training, unzoomed camera), frustum+zoom (the
 frustum of the zoomed camera), carve, carve+zoom. The camera of step i is drawn from a generator seeded by
 (seed, i) in every mode, and `focusing.carving.select_voxels` chooses the zoom on the carved set in every
-zoomed mode, so frustum+zoom and carve+zoom see the same pixels.
+zoomed mode, so frustum+zoom and carve+zoom see the same pixels. `--checkpointing` picks the memory savings (the
+same result up to float rounding): config (the YAML's), none, blocks (each transformer block recomputed in the
+backward pass), all (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in
+chunks of whole voxels of `--pointnet-chunk` points).
 
 Per case: latent voxels encoded and decoded, voxels at R/2 and R, predicted triangles rendered (medians over the
 steps), peak CUDA memory (`torch.cuda.max_memory_allocated`, reset after the warm-up), median forward+backward
@@ -86,6 +89,7 @@ MODULE_PHASES = {"pointnet": "pointnet", "encoder": "encoder", "decoder": "decod
 CHECKPOINTING = ("config", "none", "blocks", "all")
 MIN_STEPS = 3  # measured steps a case keeps when --case-seconds cuts it short
 POINTNET_CHUNK = 65_536  # default points per checkpointed PointNet chunk of --checkpointing all
+BLOCK_CHUNK = 131_072  # voxels per block chunk of --checkpointing all: B recomputes ~5.5 GiB (41.7 GiB per 1M)
 
 
 # ---------------------------------------------------------------------------------------------- phase timing
@@ -288,14 +292,17 @@ def find_mesh(name: str, folders: list[Path], workdir: Path) -> Path:
     raise SystemExit(f"bench_train_step: {name}.ply not found in {', '.join(map(str, folders))} (use --meshes)")
 
 
-def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk: int = POINTNET_CHUNK):
+def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk: int = POINTNET_CHUNK,
+               block_chunk: int = BLOCK_CHUNK):
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
-    config (as written), none, blocks (transformer blocks), all (blocks + PointNet chunks of `pointnet_chunk`)."""
+    config (as written), none, blocks (transformer blocks), all (blocks in checkpointed chunks of whole windows of
+    `block_chunk` voxels + PointNet chunks of `pointnet_chunk` points)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
         cfg.model.use_checkpoint = checkpointing in ("blocks", "all")
         cfg.model.pointnet_chunk = pointnet_chunk if checkpointing == "all" else 0
+        cfg.model.block_chunk = block_chunk if checkpointing == "all" else 0
     if image:
         cfg.views.image_size = image
     return cfg
@@ -629,8 +636,11 @@ def parse_args(argv):
                     "checkpoints/focusing-s): output sizes of a trained model")
     ap.add_argument("--checkpointing", default="config",
                     help=f"comma-separated variants of {CHECKPOINTING}: config (as the YAML says), none, blocks "
-                    f"(transformer blocks), all (blocks + PointNet in checkpointed chunks of --pointnet-chunk points)")
+                    f"(transformer blocks), all (blocks in checkpointed chunks of whole windows of --block-chunk "
+                    f"voxels + PointNet in checkpointed chunks of --pointnet-chunk points)")
     ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK, help="points per PointNet chunk of 'all'")
+    ap.add_argument("--block-chunk", type=int, default=BLOCK_CHUNK,
+                    help="voxels per transformer-block chunk of 'all' (VAEConfig.block_chunk)")
     ap.add_argument("--meshes", type=Path, default=None, help="folder of the shared meshes (default: found)")
     ap.add_argument("--names", default=",".join(MESHES), help="comma-separated mesh names")
     ap.add_argument("--resolutions", default="256,512,1024,2048", help="training R ('' = no training cases)")
@@ -739,7 +749,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         for config_name in [c for c in args.configs.split(",") if c]:
             for ckpt in args.checkpointing.split(","):
-                cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk)
+                cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk, args.block_chunk)
                 torch.manual_seed(args.seed)
                 model = FocusingVAE(cfg.model).to(device).train()
                 points = args.points or cfg.data.points

@@ -7,6 +7,8 @@ attends to the voxels of its own window only.
 Data flow: `window_partition` sorts the voxels window by window once per structure (cached on the
 SparseTensor's spatial cache) -> `pack` puts features in that order (windows become contiguous variable-length
 sequences, described by `cu_seqlens`) -> `packed_window_attention` attends -> `unpack` restores voxel order.
+`window_chunks` cuts a partition into runs of whole windows, each a partition of its own packed rows (the
+transformer block's `chunk_tokens`).
 
 Backends (argument `backend`, else the env var FOCUSING_ATTN_BACKEND, else "auto"):
 - "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (flash attention on packed sequences; CUDA,
@@ -83,6 +85,25 @@ def pack(feats: torch.Tensor, part: WindowPartition) -> torch.Tensor:
 def unpack(packed: torch.Tensor, part: WindowPartition) -> torch.Tensor:
     """Window (packed) order `[N, ...]` -> voxel order `[N, ...]`."""
     return permute_rows(packed, part.inverse, part.order)
+
+
+def window_chunks(part: WindowPartition, max_tokens: int) -> list[WindowPartition]:
+    """`part` cut into consecutive runs of whole windows of at most `max_tokens` packed rows each (a longer window
+    is a run alone), each the partition of its own rows: row r of a run is the packed row (its first) + r of
+    `part` (order and inverse are the identity). Planned once per (partition, max_tokens), with one host sync,
+    and cached."""
+    key = ("chunks", max_tokens)
+    if key not in part.plans:
+        cu = part.cu_seqlens.cpu().long()  # the one host sync
+        lengths, runs, lo = cu.diff(), [], 0
+        while lo < len(lengths):  # greedy: the most windows that fit, at least one
+            hi = max(lo + 1, int(torch.searchsorted(cu, cu[lo] + max_tokens, right=True)) - 1)
+            rows = torch.arange(int(cu[hi] - cu[lo]), device=part.order.device)
+            runs.append(WindowPartition(rows, rows, part.lengths[lo:hi], part.cu_seqlens[lo : hi + 1] - int(cu[lo]),
+                                        int(lengths[lo:hi].max()), part.window_size, part.shift))
+            lo = hi
+        part.plans[key] = runs
+    return part.plans[key]
 
 
 def _varlen_attn():

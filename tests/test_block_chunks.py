@@ -1,0 +1,205 @@
+"""Transformer blocks in checkpointed chunks of whole windows (`chunk_tokens`, VAEConfig.block_chunk): the same
+values and gradients as the whole block, and far less memory held while the backward pass recomputes it."""
+
+import weakref
+
+import pytest
+import torch
+from sparse_helpers import random_coords, single_thread  # noqa: F401 (autouse fixture)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from focusing.models.transformer import SparseTransformer, SparseTransformerBlock
+from focusing.models.vae import FocusingVAE, VAEConfig
+from focusing.sparse import SparseTensor, window_partition
+from focusing.sparse.attention import window_chunks
+
+CHUNK = 50  # voxels per chunk: full windows of 4^3 hold up to 64, so some windows are a chunk alone
+
+
+def structure(seed=0, dtype=torch.float64, extent=13):
+    """Two batch items, one dense (windows of up to 64 voxels, several larger than CHUNK) and one sparse."""
+    dense = random_coords(1, extent, 0.85, seed=seed)
+    sparse = random_coords(1, 19, 0.05, seed=seed + 1)
+    sparse[:, 0] = 1
+    coords = torch.cat([dense, sparse])
+    g = torch.Generator().manual_seed(seed + 2)
+    return SparseTensor(coords, torch.randn(len(coords), 16, generator=g, dtype=dtype), batch_size=2)
+
+
+def blocks(shift, chunk=CHUNK, use_checkpoint=False):
+    torch.manual_seed(0)
+    whole = SparseTransformerBlock(16, 2, window_size=4, shift=shift, qk_rms_norm=True).double()
+    for p in whole.parameters():  # LayerNorm / RMSNorm start at 1 and 0: give every weight a value
+        torch.nn.init.normal_(p, mean=0.1, std=0.3)
+    chunked = SparseTransformerBlock(16, 2, window_size=4, shift=shift, qk_rms_norm=True, chunk_tokens=chunk,
+                                     use_checkpoint=use_checkpoint).double()
+    chunked.load_state_dict(whole.state_dict())
+    return whole, chunked
+
+
+def test_chunks_are_runs_of_whole_windows_of_at_most_the_limit():
+    x = structure()
+    part = window_partition(x, 4, 2)
+    chunks = window_chunks(part, CHUNK)
+    assert window_chunks(part, CHUNK) is chunks  # planned once, cached on the partition
+    lengths = torch.cat([c.lengths for c in chunks])
+    assert torch.equal(lengths, part.lengths)  # every window once, in order
+    assert any(len(c.lengths) == 1 and c.max_len > CHUNK for c in chunks)  # a longer window is a chunk alone
+    assert sum(len(c.lengths) > 1 for c in chunks) > 3
+    for c in chunks:
+        assert len(c.order) <= CHUNK or len(c.lengths) == 1
+        assert c.cu_seqlens.dtype == torch.int32 and c.cu_seqlens[0] == 0 and c.cu_seqlens[-1] == len(c.order)
+        assert torch.equal(c.cu_seqlens[1:].long(), c.lengths.cumsum(0)) and c.max_len == int(c.lengths.max())
+        assert torch.equal(c.order, torch.arange(len(c.order))) and torch.equal(c.inverse, c.order)
+    for a, b in zip(chunks, chunks[1:]):  # greedy: the next window would not have fit
+        assert len(a.order) + int(b.lengths[0]) > CHUNK
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_chunked_block_equals_the_whole_block(shift, use_checkpoint):
+    x = structure()
+    whole, chunked = blocks(shift, use_checkpoint=use_checkpoint)
+    assert len(window_chunks(window_partition(x, 4, shift), CHUNK)) > 10
+    fa, fb = x.feats.clone().requires_grad_(), x.feats.clone().requires_grad_()
+    out_a, out_b = whole(x.replace(fa)).feats, chunked(x.replace(fb)).feats
+    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out_a)
+    (out_a * w).sum().backward()
+    (out_b * w).sum().backward()
+    torch.testing.assert_close(fb.grad, fa.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(whole.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    with torch.no_grad():  # without gradients: chunk by chunk, not checkpointed, same result
+        torch.testing.assert_close(chunked(x).feats, out_a.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_block_of_at_most_chunk_tokens_runs_whole():
+    x = structure()
+    whole, chunked = blocks(0, chunk=len(x))
+    torch.testing.assert_close(chunked(x).feats, whole(x).feats, rtol=0, atol=0)
+
+
+def test_chunked_transformer_equals_the_whole_one():
+    x = structure()
+    results = []
+    for block_chunk in (0, CHUNK):
+        torch.manual_seed(3)
+        model = SparseTransformer(16, 32, 8, num_blocks=3, num_heads=4, window_size=4, block_chunk=block_chunk)
+        model.double()
+        assert all(b.chunk_tokens == block_chunk for b in model.blocks)
+        feats = x.feats.clone().requires_grad_()
+        out = model(x.replace(feats)).feats
+        out.square().sum().backward()
+        results.append((out.detach(), feats.grad, [p.grad for p in model.parameters()]))
+    (out_a, ga, pa), (out_b, gb, pb) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-12)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_vae_config_passes_the_chunk_size_to_encoder_and_decoder():
+    tiny = dict(pointnet_channels=16, pointnet_hidden=8, pointnet_blocks=2, encoder_channels=16, encoder_blocks=2,
+                decoder_channels=16, decoder_blocks=2, head_channels=8, window_size=4, pos_embedding="absolute",
+                upsample_channels=(8, 8), resolution=64)
+    x = structure(dtype=torch.float32)
+    coords = x.coords[x.coords[:, 0] == 0]  # one batch item at R / 4 = 16
+    g = torch.Generator().manual_seed(5)
+    pts = (coords[:, 1:] + torch.rand(len(coords), 3, generator=g)) / 16 - 0.5
+    nrm = torch.nn.functional.normalize(torch.randn(len(coords), 3, generator=g), dim=1)
+    torch.manual_seed(1)
+    a = FocusingVAE(VAEConfig(**tiny))
+    b = FocusingVAE(VAEConfig(**tiny, block_chunk=CHUNK))
+    b.load_state_dict(a.state_dict())
+    assert all(blk.chunk_tokens == CHUNK for blk in [*b.encoder.blocks, *b.decoder.blocks])
+    pa, pb = (m.encode(pts, nrm, None, coords, 16, batch_size=1) for m in (a, b))
+    torch.testing.assert_close(pb.mean.feats, pa.mean.feats, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pb.logvar, pa.logvar, rtol=1e-5, atol=1e-6)
+    z = pa.mean.replace(pa.mean.feats.detach())
+    torch.testing.assert_close(b.decode_features(z).feats, a.decode_features(z).feats, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_chunked_block_on_cuda_bf16_varlen_matches_the_whole_block():
+    """The varlen route (CUDA, bf16 autocast) on the chunks' own cu_seqlens / max_len: the whole block's values
+    and gradients, up to bf16 rounding."""
+    torch.manual_seed(0)
+    coords = random_coords(2, 24, 0.3, seed=9).cuda()
+    x = SparseTensor(coords, torch.randn(len(coords), 128, device="cuda"), batch_size=2)
+    whole = SparseTransformerBlock(128, 2, window_size=8, shift=4, use_checkpoint=True).cuda()
+    chunked = SparseTransformerBlock(128, 2, window_size=8, shift=4, chunk_tokens=1000).cuda()
+    chunked.load_state_dict(whole.state_dict())
+    assert len(window_chunks(window_partition(x, 8, 4), 1000)) > 5
+    results = []
+    for block in (whole, chunked):
+        feats = x.feats.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x.replace(feats)).feats
+        out.float().square().mean().backward()
+        results.append((out.float(), feats.grad, block.attn.to_qkv.weight.grad))
+    for a, b in zip(*results):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages allocated by ops run under the mode that are still alive, and their peak.
+
+    An op's output counts when its storage is new (not one of the op's inputs': views and in-place ops allocate
+    nothing) and stops counting when the storage is freed (a weakref finalizer; PyTorch keeps one Python object
+    per storage, so the finalizer runs when the memory is released, not when a Python reference goes away)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in inputs or storage.nbytes() == 0 or getattr(storage, "_live_bytes", False):
+                continue
+            storage._live_bytes = True
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+
+def peak_bytes(block: SparseTransformerBlock, x: SparseTensor) -> int:
+    """Peak bytes held at once by the tensors allocated during the forward and backward passes of `block`."""
+    feats = x.feats.clone().requires_grad_()
+    grad = torch.randn_like(feats)
+    window_partition(x, block.attn.window_size, block.attn.shift)  # the partition is not counted
+    with LiveBytes() as live:
+        block(x.replace(feats)).feats.backward(grad)
+    return live.peak
+
+
+def test_chunks_bound_what_the_recomputation_holds():
+    """A checkpointed block holds, for its backward pass, only its input; the backward recomputes the forward and
+    holds the intermediates it saves (normed input, qkv, attention output, MLP hidden before and after the GELU,
+    ...: ~20 C floats per voxel) until their backward runs. In chunks, only one chunk's are held at a time.
+    Measured: the peak of live bytes of the tensors allocated during forward + backward (LiveBytes), against the
+    size of one `[N, C]` tensor. It would fail if the chunks were not checkpointed (the forward would keep every
+    chunk's intermediates) or too large, or the unchunked block not measured (its peak is the whole block's)."""
+    x = structure(dtype=torch.float32, extent=20)
+    x = SparseTensor(x.coords, torch.randn(len(x), 32), batch_size=2)
+    torch.manual_seed(0)
+    whole = SparseTransformerBlock(32, 4, window_size=4, shift=2, use_checkpoint=True)
+    chunked = SparseTransformerBlock(32, 4, window_size=4, shift=2, chunk_tokens=200)
+    chunked.load_state_dict(whole.state_dict())
+    rows = len(x) * 32 * 4  # bytes of one [N, C] fp32 tensor
+    assert len(x) > 10 * 200
+    peak_whole, peak_chunked = peak_bytes(whole, x), peak_bytes(chunked, x)
+    assert peak_whole > 15 * rows, (peak_whole, rows)  # the whole block's intermediates at once (measured: 22)
+    # ~5 [N, C] tensors (input in window order, output, gradients in window and voxel order) + one chunk's
+    # intermediates (~0.6 here; measured in all: 4.8)
+    assert peak_chunked < 6 * rows, (peak_chunked, rows)
