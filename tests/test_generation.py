@@ -534,3 +534,23 @@ def test_bench_generation_iou():
     assert bench._iou(a, a, 4) == 1.0
     assert bench._iou(a, a[:1], 4) == pytest.approx(1 / 3)
     assert bench._iou(a[:1], a[2:], 4) == 0.0
+
+
+def test_bench_view_identification(generator_folder, shapes, tmp_path):
+    bench = _script("bench_view_identification")
+    targets = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    pred = torch.tensor([[0.9, 0.1], [0.1, 0.2], [0.1, 0.2]])
+    assert bench.identified(pred, targets, torch.tensor([1, 0, 2])).tolist() == [True, True, False]
+    out = tmp_path / "vi.json"
+    assert bench.main(["--config", str(ROOT / "configs" / "gen-structure-flow-tiny.yaml"), "--set",
+                       f"structure_vae={generator_folder / 'structure-vae'}", "--set", f"data.source={shapes}",
+                       "--count", "3", "--steps", "160", "--batch", "3", "--lr", "3e-3", "--eval-every", "80",
+                       "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["meshes"] == sorted(result["meshes"]) and len(result["meshes"]) == 3
+    first, last = result["rows"]
+    assert [first["step"], last["step"], last["views"]] == [80, 160, 6]
+    assert 0 <= last["identified"] <= 6 and sum(last["per_mesh"]) == last["identified"]
+    assert last["eval_mse"] < 0.8 * result["mean_latent_mse"]  # unseen views: it learned more than the mean
