@@ -549,7 +549,7 @@ def test_bench_view_identification(generator_folder, shapes, tmp_path):
     import json
 
     result = json.loads(out.read_text())
-    assert result["meshes"] == sorted(result["meshes"]) and len(result["meshes"]) == 3
+    assert len(set(result["meshes"])) == 3
     first, last = result["rows"]
     assert [first["step"], last["step"], last["views"]] == [80, 160, 6]
     assert 0 <= last["identified"] <= 6 and sum(last["per_mesh"]) == last["identified"]
