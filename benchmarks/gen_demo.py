@@ -230,7 +230,7 @@ def run_chain(args) -> dict:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    plan = {stage: PLAN[stage] for stage in args.stages}
+    plan = {stage: args.plan.get(stage, PLAN[stage]) for stage in args.stages}
     summary = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "args": vars(args),
                "plan_minutes": plan, "stages": {}}
@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     r.add_argument("--init", action="append", default=[], metavar="STAGE=FOLDER",
                    help="start that training from these weights (`focusing train --init-from`: an export or a "
                    "checkpoint, e.g. an earlier call's), with a fresh optimiser and schedule (repeatable)")
+    r.add_argument("--plan", action="append", default=[], metavar="STAGE=MINUTES",
+                   help=f"a stage's planned minutes instead of the default {PLAN} (repeatable); "
+                   "--minutes stays the guard of the whole chain")
     r.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     r.add_argument("--stages", default=",".join(PLAN),
                    help="the stages to run, in the chain's order (default all): split the chain over device calls")
@@ -309,6 +312,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             if stage not in TRAININGS or not folder or not Path(folder).is_dir():
                 p.error(f"--init {item!r}: expected STAGE=FOLDER with STAGE one of {', '.join(TRAININGS)} and "
                         f"FOLDER an existing export or checkpoint folder")
+        plan = {}
+        for item in args.plan:
+            stage, _, minutes = item.partition("=")
+            try:
+                plan[stage] = float(minutes)
+            except ValueError:
+                plan[stage] = -1.0
+            if stage not in PLAN or plan[stage] <= 0:
+                p.error(f"--plan {item!r}: expected STAGE=MINUTES with STAGE one of {', '.join(PLAN)} and MINUTES > 0")
+        args.plan = plan
     if args.command == "data":
         pack_sets(Path(args.base), Path(args.heldout), Path(args.out_dir))
         return None

@@ -339,6 +339,11 @@ def test_gen_demo_split_over_calls_needs_the_earlier_exports(tmp_path):
             demo.main(split + ["--init", bad])
     with pytest.raises(SystemExit, match="gen32"):  # a starting point for a training passes
         demo.main(split + ["--init", "latent-flow=" + str(tmp_path / "gen-a" / "structure-flow")])
+    for bad in ("latent-flow=0", "latent-flow=x", "nothing=2", "latent-flow"):
+        with pytest.raises(SystemExit, match="2"):
+            demo.main(split + ["--plan", bad])
+    with pytest.raises(SystemExit, match="gen32"):  # a stage's own plan passes
+        demo.main(split + ["--plan", "latent-flow=5.5", "--plan", "evaluation=1"])
 
 
 def test_gen_demo_training_set_selection(tmp_path):
