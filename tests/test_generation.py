@@ -493,6 +493,33 @@ def test_bench_generation_scores_what_generate_makes_and_each_stage(generator_fo
     assert result["summary"]["train"]["identified"] == 1
 
 
+def test_bench_generation_identify_only(generator_folder, shapes, tmp_path):
+    from focusing.image_to_3d import generate_structure, load_generator
+    from focusing.train.generation import ConditionConfig, condition_cameras, render_condition
+
+    bench = _script("bench_generation")
+    result = bench.main(["--checkpoint", str(generator_folder), "--train", str(shapes), "--train-count", "3",
+                         "--out", str(tmp_path), "--device", "cpu", "--steps", "2", "--identify-only",
+                         "--views", "2", "--every", "2"])
+    assert (tmp_path / "identification.json").is_file() and not (tmp_path / "generation.json").exists()
+    rows = result["rows"]
+    names = [r["mesh"] for r in rows]
+    assert [r["view"] for r in rows] == [0, 1, 0, 1] and names[0] == names[1] != names[2] == names[3]
+    assert result["identified"] == sum(r["nearest_mesh"] == r["mesh"] for r in rows) and result["views"] == 4
+    for r in rows:  # the nearest structure is at least as near as the mesh's own
+        assert 0.0 <= r["own_iou"] <= r["nearest_iou"] <= 1.0
+    # view 1 of mesh 2: what generate_structure makes of that view (seed 1000 + 100 + 2) at the same seed
+    gen = load_generator(generator_folder)
+    refs = bench.training_structures(gen, str(shapes), 3, 0)
+    mesh = bench._collection(str(shapes)).mesh(2)
+    cam = condition_cameras(1, ConditionConfig(image_size=256), torch.Generator().manual_seed(1102))[0]
+    image = render_condition(torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                             torch.as_tensor(mesh.faces, dtype=torch.int64), cam)
+    coords = generate_structure(gen, image, torch.Generator().manual_seed(0), SamplerConfig(steps=2, cfg=6.0))
+    grid = gen.structure_vae.config.resolution
+    assert rows[3]["own_iou"] == pytest.approx(bench._iou(coords, refs[2][1].coords, grid))
+
+
 def test_bench_generation_condition_gain():
     """0 for a flow that ignores its condition, 1 for one that the condition tells the exact velocity, the
     ratio in between; for dense items and sparse rows alike."""
