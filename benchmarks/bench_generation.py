@@ -62,6 +62,16 @@ class Budget:
         self.longest = max(self.longest, seconds)
 
 
+def condition_view(mesh, cfg, seed: int) -> tuple[torch.Tensor, object]:
+    """(the condition image `[3, H, W]` of `mesh` from the random camera seeded `seed`, that camera)."""
+    from focusing.train.generation import condition_cameras, render_condition
+
+    cam = condition_cameras(1, cfg, torch.Generator().manual_seed(seed))[0]
+    image = render_condition(torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                             torch.as_tensor(mesh.faces, dtype=torch.int64), cam)
+    return image, cam
+
+
 def training_structures(gen, spec: str, count: int, seed: int) -> list[tuple[str, SparseTensor]]:
     """(name, the shape VAE's latent `[N, C]` on its voxels at the structure grid) of the first `count` meshes of
     `spec`: what the generator was trained to give back."""
@@ -89,7 +99,7 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
     from focusing.eval.metrics import surface_metrics
     from focusing.flow import SamplerConfig
     from focusing.image_to_3d import decode, sample_latent
-    from focusing.train.generation import ConditionConfig, condition_cameras, render_condition
+    from focusing.train.generation import ConditionConfig, render_condition
 
     collection = _collection(spec)
     cfg = ConditionConfig(image_size=args.image_size)
@@ -102,10 +112,7 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
             print(f"{label:8s} --max-minutes reached: {wanted - i} of {wanted} meshes not run")
             return rows, images, wanted - i
         mesh = collection.mesh(i)
-        v = torch.as_tensor(mesh.vertices, dtype=torch.float32)
-        f = torch.as_tensor(mesh.faces, dtype=torch.int64)
-        cam = condition_cameras(1, cfg, torch.Generator().manual_seed(1000 + i))[0]
-        image = render_condition(v, f, cam)
+        image, cam = condition_view(mesh, cfg, 1000 + i)
         t0 = time.perf_counter()
         try:
             z = sample_latent(gen, image, seed=args.seed, structure_sampler=sampler, latent_sampler=sampler)
@@ -143,18 +150,16 @@ def identify(gen, spec: str, references: list, args) -> dict:
     "mean_own_iou", "mean_nearest_iou"}."""
     from focusing.flow import SamplerConfig
     from focusing.image_to_3d import generate_structure
-    from focusing.train.generation import ConditionConfig, condition_cameras, render_condition
+    from focusing.train.generation import ConditionConfig
 
     collection, grid = _collection(spec), gen.structure_vae.config.resolution
     cfg, sampler = ConditionConfig(image_size=args.image_size), SamplerConfig(steps=args.steps, cfg=args.cfg)
     rows = []
     for i in range(0, len(references), args.every):
         mesh = collection.mesh(i)
-        v, f = torch.as_tensor(mesh.vertices, dtype=torch.float32), torch.as_tensor(mesh.faces, dtype=torch.int64)
         for k in range(args.views):
-            cam = condition_cameras(1, cfg, torch.Generator().manual_seed(1000 + 100 * k + i))[0]
-            coords = generate_structure(gen, render_condition(v, f, cam), torch.Generator().manual_seed(args.seed),
-                                        sampler)
+            image, _ = condition_view(mesh, cfg, 1000 + 100 * k + i)
+            coords = generate_structure(gen, image, torch.Generator().manual_seed(args.seed), sampler)
             row = {"mesh": collection.names[i], "view": k, "own_iou": _iou(coords, references[i][1].coords, grid),
                    **nearest_structure(coords, references, grid)}
             rows.append(row)

@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             try:
                 plan[stage] = float(minutes)
             except ValueError:
-                plan[stage] = -1.0
-            if stage not in PLAN or plan[stage] <= 0:
+                plan[stage] = 0.0
+            if stage not in PLAN or not plan[stage] > 0:
                 p.error(f"--plan {item!r}: expected STAGE=MINUTES with STAGE one of {', '.join(PLAN)} and MINUTES > 0")
         args.plan = plan
     if args.command == "data":
