@@ -17,7 +17,8 @@ frustum of the zoomed camera), carve, carve+zoom. The camera of step i is drawn 
 zoomed mode, so frustum+zoom and carve+zoom see the same pixels. `--checkpointing` picks the memory savings (the
 same result up to float rounding): config (the YAML's), none, blocks (each transformer block recomputed in the
 backward pass), all (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in
-chunks of whole voxels of `--pointnet-chunk` points).
+chunks of whole voxels of `--pointnet-chunk` points, and with `--block-group G` runs of G blocks checkpointed as
+one more level: less memory for one more forward of the blocks).
 
 Per case: latent voxels encoded and decoded, voxels at R/2 and R, predicted triangles rendered (medians over the
 steps), peak CUDA memory (`torch.cuda.max_memory_allocated`, reset after the warm-up), median forward+backward
@@ -293,16 +294,18 @@ def find_mesh(name: str, folders: list[Path], workdir: Path) -> Path:
 
 
 def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk: int = POINTNET_CHUNK,
-               block_chunk: int = BLOCK_CHUNK):
+               block_chunk: int = BLOCK_CHUNK, block_group: int = 0):
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
     config (as written), none, blocks (transformer blocks), all (blocks in checkpointed chunks of whole windows of
-    `block_chunk` voxels + PointNet chunks of `pointnet_chunk` points)."""
+    `block_chunk` voxels, runs of `block_group` blocks checkpointed as one, PointNet chunks of `pointnet_chunk`
+    points)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
         cfg.model.use_checkpoint = checkpointing in ("blocks", "all")
         cfg.model.pointnet_chunk = pointnet_chunk if checkpointing == "all" else 0
         cfg.model.block_chunk = block_chunk if checkpointing == "all" else 0
+        cfg.model.block_group = block_group if checkpointing == "all" else 0
     if image:
         cfg.views.image_size = image
     return cfg
@@ -641,6 +644,9 @@ def parse_args(argv):
     ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK, help="points per PointNet chunk of 'all'")
     ap.add_argument("--block-chunk", type=int, default=BLOCK_CHUNK,
                     help="voxels per transformer-block chunk of 'all' (VAEConfig.block_chunk)")
+    ap.add_argument("--block-group", type=int, default=0,
+                    help="blocks per outer checkpoint of 'all' (VAEConfig.block_group; 0: none; recorded in the "
+                    "JSON's settings)")
     ap.add_argument("--meshes", type=Path, default=None, help="folder of the shared meshes (default: found)")
     ap.add_argument("--names", default=",".join(MESHES), help="comma-separated mesh names")
     ap.add_argument("--resolutions", default="256,512,1024,2048", help="training R ('' = no training cases)")
@@ -749,7 +755,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         for config_name in [c for c in args.configs.split(",") if c]:
             for ckpt in args.checkpointing.split(","):
-                cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk, args.block_chunk)
+                cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk, args.block_chunk,
+                                 args.block_group)
                 torch.manual_seed(args.seed)
                 model = FocusingVAE(cfg.model).to(device).train()
                 points = args.points or cfg.data.points

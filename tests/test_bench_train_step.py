@@ -130,6 +130,13 @@ def test_out_of_memory_is_a_result_and_the_run_goes_on(bench, monkeypatch, tmp_p
     assert table.count("| OOM |") == 3
 
 
+def test_checkpointing_variants_set_the_config(bench):
+    all_ = bench.experiment("S", "all", None, pointnet_chunk=1000, block_chunk=500, block_group=3).model
+    assert (all_.use_checkpoint, all_.pointnet_chunk, all_.block_chunk, all_.block_group) == (True, 1000, 500, 3)
+    blocks = bench.experiment("S", "blocks", None, block_group=3).model
+    assert (blocks.use_checkpoint, blocks.pointnet_chunk, blocks.block_chunk, blocks.block_group) == (True, 0, 0, 0)
+
+
 def test_max_minutes_marks_cases_not_run(bench, tmp_path):
     results = bench.main(tiny_args(tmp_path, "--max-minutes", "0", "--inference-resolutions", "32"))
     assert {r["status"] for r in results["train"] + results["inference"]} == {"not run"}

@@ -175,6 +175,10 @@ class SparseTransformer(nn.Module):
     """Input linear + position embedding -> `num_blocks` Swin blocks (shifts 0, w/2, 0, ...) -> norm + output linear.
 
     feats `[N, in_channels]` -> `[N, out_channels]` on the same voxels. block_chunk: each block's `chunk_tokens`.
+    block_group: when > 1 and gradients are on, runs of this many consecutive blocks are checkpointed as one, a
+        second level over the blocks' own checkpointing: the backward pass keeps one `[N, C]` input per run instead
+        of one per checkpointed block (12 blocks in runs of 4: 4 + 4 held at most instead of 12), at the cost of
+        one more forward of the blocks. Same result (the recomputation is the same computation).
     """
 
     def __init__(
@@ -192,8 +196,10 @@ class SparseTransformer(nn.Module):
         attn_backend: str | None = None,
         pos_embedding: str = "absolute",
         block_chunk: int = 0,
+        block_group: int = 0,
     ):
         super().__init__()
+        self.block_group = block_group
         if pos_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"pos_embedding must be one of {POSITION_EMBEDDINGS}, got {pos_embedding!r}")
         self.input_layer = nn.Linear(in_channels, model_channels)
@@ -223,7 +229,17 @@ class SparseTransformer(nn.Module):
         h = self.input_layer(x.feats)
         if self.pos_embedder is not None:
             h = h + self.pos_embedder(x.coords[:, 1:])
-        h = x.replace(h)
-        for block in self.blocks:
+        n, g = len(self.blocks), self.block_group
+        if 1 < g < n and torch.is_grad_enabled():
+            for start in range(0, n, g):
+                h = checkpoint(self._run_blocks, h, x, start, start + g, use_reentrant=False)
+        else:
+            h = self._run_blocks(h, x, 0, n)
+        return x.replace(self.out_layer(self.out_norm(h)))
+
+    def _run_blocks(self, feats: torch.Tensor, x: SparseTensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks `start:stop` on feats `[N, C]` (on x's voxels) -> `[N, C]`."""
+        h = x.replace(feats)
+        for block in self.blocks[start:stop]:
             h = block(h)
-        return h.replace(self.out_layer(self.out_norm(h.feats)))
+        return h.feats

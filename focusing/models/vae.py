@@ -59,6 +59,7 @@ class VAEConfig:
     use_checkpoint: bool = False  # gradient checkpointing of the transformer blocks
     pointnet_chunk: int = 0  # points per checkpointed PointNet chunk of whole voxels (0: one pass; same result)
     block_chunk: int = 0  # voxels per checkpointed chunk of whole windows in each block (0: whole block; same result)
+    block_group: int = 0  # blocks per outer checkpoint over the blocks (0: none; less memory, one more forward)
     freeze_pointnet: bool = False  # keep the PointNet fixed (e.g. after pre-training it with the rest)
     resolution: int = 1024  # output resolution the model is trained for (the default of `reconstruct`)
 
@@ -165,6 +166,7 @@ class FocusingVAE(nn.Module):
         common = dict(
             mlp_ratio=c.mlp_ratio, window_size=c.window_size, use_checkpoint=c.use_checkpoint,
             qk_rms_norm=c.qk_rms_norm, pos_embedding=c.pos_embedding, block_chunk=c.block_chunk,
+            block_group=c.block_group,
         )
         self.encoder = SparseTransformer(
             c.pointnet_channels, c.encoder_channels, 2 * c.latent_channels, c.encoder_blocks,
