@@ -5,6 +5,7 @@ import pytest
 import torch
 from sparse_helpers import single_thread  # noqa: F401 (autouse fixture)
 
+from focusing.models import pointnet
 from focusing.models.pointnet import LocalPointNet
 from focusing.models.vae import FocusingVAE, VAEConfig
 
@@ -92,3 +93,28 @@ def test_vae_config_passes_the_chunk_size_to_the_encoder():
     assert b.pointnet.chunk_points == 200 and a.pointnet.chunk_points == 0
     pa, pb = (m.encode(pts.float(), nrm.float(), None, coords, R, batch_size=1) for m in (a, b))
     torch.testing.assert_close(pb.mean.feats, pa.mean.feats, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 150])
+def test_mean_pooling_before_the_output_layer_is_the_per_point_result(monkeypatch, chunk):
+    """With pool = "mean" fc_c runs on the pooled hidden features of each voxel; the reference pools fc_c's
+    per-point output (the generic path, reached through an alias of "mean"). Same values and gradients, and
+    voxels without points stay 0 (fc_c's bias would otherwise fill them)."""
+    pts, nrm, coords = problem()
+    net, _ = nets(chunk)
+    net.chunk_points = chunk
+    torch.nn.init.normal_(net.fc_c.bias, std=0.3)
+    results = []
+    for pool in ("mean", "per-point mean"):
+        monkeypatch.setitem(pointnet._REDUCE, "per-point mean", "mean")
+        net.pool = pool
+        net.zero_grad()
+        p = pts.clone().requires_grad_()
+        feats = net(p, nrm, coords, R)
+        (feats * torch.linspace(-1, 1, feats.numel(), dtype=feats.dtype).view_as(feats)).sum().backward()
+        results.append((feats.detach(), [q.grad.clone() for q in net.parameters()]))
+    (fa, ga), (fb, gb) = results
+    torch.testing.assert_close(fa, fb, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert int((fa.abs().sum(1) == 0).sum()) == 2 and bool((fa.abs().sum(1) > 0).sum() == len(coords) - 2)

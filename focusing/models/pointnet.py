@@ -5,8 +5,11 @@ Each point is assigned to the voxel containing it at the latent resolution R. It
 voxel's centre in voxel units scaled to [-1, 1] (2 ((p + 0.5) R - (ijk + 0.5))) and its normal. A stack of
 fully connected ResNet blocks runs per point; before each block after the first, the features are pooled over
 the points of the voxel (`local_pool`, max by default as in ConvONet) and concatenated back to every point. The
-last features are pooled into the voxels (`pool`, mean as in TripoSF's config): `[P, 6] -> [N, C]`. Voxels
-without points get zeros.
+last features are pooled into the voxels (`pool`, mean as in TripoSF's config) after the output layer fc_c:
+`[P, 6] -> [N, C]`. Voxels without points get zeros. With mean pooling the hidden features are pooled first and
+fc_c runs per voxel (the mean of an affine map is the map of the mean, so the result is the same up to float
+rounding): the widest layer (TripoSF: 256 -> 1024) and its pooling then cost per voxel, not per point (~12 points
+a voxel in training).
 
 Everything is local to a voxel, so the points can be processed in chunks of whole voxels with the same result
 (`chunk_points`): each chunk is checkpointed when gradients are on, so training keeps only the chunk inputs
@@ -115,4 +118,7 @@ class LocalPointNet(nn.Module):
         for block in self.blocks[1:]:
             pooled = pool_to_voxels(net, voxel, num_voxels, self.local_pool).index_select(0, voxel)
             net = block(torch.cat([net, pooled], dim=1))
+        if self.pool == "mean":  # the mean commutes with the affine fc_c: widen per voxel, not per point
+            filled = torch.zeros(num_voxels, 1, dtype=torch.bool, device=voxel.device).index_fill_(0, voxel, True)
+            return self.fc_c(pool_to_voxels(net, voxel, num_voxels, "mean")) * filled  # empty voxels stay 0
         return pool_to_voxels(self.fc_c(net), voxel, num_voxels, self.pool)
