@@ -558,7 +558,7 @@ def inference_table(rows: list[dict]) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Peak memory against R per mode (one panel per config; the max over the meshes, OOM as x at the top)."""
+    """Peak memory against R per mode: one panel per (config, mesh), a row per config, OOM as x at the top."""
     try:
         import matplotlib
 
@@ -567,34 +567,38 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         print(f"bench_train_step: matplotlib is not importable, no plot written to {path}", file=sys.stderr)
         return False
-    rows = results["train"]
+    rows = [r for r in results["train"] if r["status"] in ("ok", "oom")]
     configs = sorted({(r["config"], r["checkpointing"]) for r in rows})
-    fig, axes = plt.subplots(1, max(len(configs), 1), figsize=(5.5 * max(len(configs), 1), 4.2), squeeze=False)
+    meshes = list(dict.fromkeys(r["mesh"] for r in rows))
+    fig, axes = plt.subplots(max(len(configs), 1), max(len(meshes), 1), squeeze=False,
+                             figsize=(3.4 * max(len(meshes), 1), 2.9 * max(len(configs), 1)))
     capacity = results.get("gpu_gib")
-    for ax, (config, ckpt) in zip(axes[0], configs):
-        top = capacity or max((r.get("peak_gib") or 0) for r in rows) or 1.0
-        for mode in MODES:
-            sel = [r for r in rows if (r["config"], r["checkpointing"], r["mode"]) == (config, ckpt, mode)]
-            res = sorted({r["resolution"] for r in sel})
-            if not res:
+    top = capacity or max((r.get("peak_gib") or 0) for r in rows) if rows else 1.0
+    for (config, ckpt), line_axes in zip(configs, axes):
+        for mesh, ax in zip(meshes, line_axes):
+            sel = [r for r in rows if (r["config"], r["checkpointing"], r["mesh"]) == (config, ckpt, mesh)]
+            if not sel:
+                ax.set_axis_off()
                 continue
-            ok = [(R, max(r["peak_gib"] for r in sel if r["resolution"] == R and r["status"] == "ok"))
-                  for R in res if any(r["resolution"] == R and r["status"] == "ok" for r in sel)]
-            line = ax.plot(*zip(*ok), marker="o", label=mode)[0] if ok else None
-            oom = [R for R in res if any(r["resolution"] == R and r["status"] == "oom" for r in sel)]
-            if oom:
-                ax.scatter(oom, [top] * len(oom), marker="x", s=60, color=line.get_color() if line else None,
-                           label=None if line else f"{mode} (OOM)")
-        if capacity:
-            ax.axhline(capacity, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("R (output resolution)")
-        ax.set_ylabel("peak GiB (max over meshes; x = OOM)")
-        ax.set_title(f"{config}" + ("" if ckpt == "config" else f" ({ckpt})") + f", {results.get('machine', '')}",
-                     fontsize=9)
-        ax.legend(fontsize=8)
+            for i, mode in enumerate(MODES):
+                ok = sorted((r["resolution"], r["peak_gib"]) for r in sel if r["mode"] == mode and r["status"] == "ok")
+                oom = sorted(r["resolution"] for r in sel if r["mode"] == mode and r["status"] == "oom")
+                color = f"C{i}"
+                if ok:
+                    ax.plot(*zip(*ok), marker="o", color=color, label=mode)
+                if oom:
+                    ax.scatter(oom, [top] * len(oom), marker="x", s=50, color=color, label=None if ok else f"{mode} OOM")
+            if capacity:
+                ax.axhline(capacity, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(0, 1.05 * top)
+            ax.set_title(f"{config}" + ("" if ckpt == "config" else f" ({ckpt})") + f", {mesh}", fontsize=9)
+            ax.set_xlabel("R", fontsize=8)
+            ax.set_ylabel("peak GiB (x = OOM)", fontsize=8)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"peak memory of a training step, {results.get('machine', '')}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
     return True
