@@ -11,6 +11,7 @@ from focusing.sparse import (
     sparse_batch_cat,
     sparse_cat,
 )
+from focusing.sparse.gather import select_rows
 
 
 def test_layout_with_empty_batch_item():
@@ -38,6 +39,31 @@ def test_replace_shares_cache_select_and_unbind():
     assert [len(p) for p in parts] == x.batch_counts.tolist()
     assert torch.equal(parts[1].coords[:, 1:], coords[coords[:, 0] == 1][:, 1:])
     assert (parts[1].coords[:, 0] == 0).all()
+
+
+def test_select_rows_is_boolean_indexing_with_the_same_gradient():
+    """`select_rows` (gather backward) against `x[mask]` (accumulating index_put backward): same values and, in
+    float64, bitwise the same gradients (each row is read at most once: no sums), also for an empty / full mask
+    and 3-D rows; through SparseTensor.select as well."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, 3, generator=g, dtype=torch.float64)
+    for mask in (torch.rand(50, generator=g) < 0.4, torch.zeros(50, dtype=torch.bool), torch.ones(50, dtype=torch.bool)):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = a[mask], select_rows(b, mask)
+        assert torch.equal(ya, yb)
+        w = torch.randn(ya.shape, generator=g, dtype=torch.float64)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        assert torch.equal(a.grad, b.grad)
+        assert bool((b.grad[~mask] == 0).all())
+    coords = random_coords(2, 6, 0.3)
+    feats = torch.randn(len(coords), 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(len(coords), generator=g) < 0.5
+    out = SparseTensor(coords, feats).select(mask)
+    out.feats.sum().backward()
+    assert torch.equal(feats.grad, mask[:, None].double().expand(-1, 5))
+    with torch.no_grad():
+        assert torch.equal(select_rows(feats, mask), feats[mask])
 
 
 def test_cat_helpers():

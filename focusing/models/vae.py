@@ -30,6 +30,7 @@ from torch import nn
 from focusing.models.pointnet import LocalPointNet
 from focusing.models.transformer import SparseTransformer
 from focusing.models.upsample import KEEP_LOGIT, SelfPruningUpsample, UpsampleOutput
+from focusing.sparse.gather import select_rows
 from focusing.sparse.tensor import SparseTensor
 from focusing.sparseflex.extract import SparseFlexResult, sparseflex_mesh
 
@@ -124,7 +125,8 @@ class DecoderOutput:
 
     def select(self, mask: torch.Tensor) -> DecoderOutput:
         """The voxels where `mask` `[N]` is true (their `keep` too; `upsample` is dropped)."""
-        return DecoderOutput(self.coords[mask], self.resolution, *(getattr(self, f)[mask] for f in self.FIELDS),
+        fields = (select_rows(getattr(self, f), mask) for f in self.FIELDS)
+        return DecoderOutput(self.coords[mask], self.resolution, *fields,
                              keep=None if self.keep is None else self.keep[mask])
 
     def mesh(self, training: bool) -> SparseFlexResult:

@@ -1,8 +1,9 @@
 """Differentiable row gathers whose backward is a gather too (no scatter-add: no atomics, deterministic).
 
-`x.index_select(0, index)` back-propagates with a zero fill plus a scatter-add over all rows of x. When every
-row of x is read exactly once (a permutation, or a permutation plus padding rows whose gradient is zero), the
-gradient of row r is simply the gradient at the one position that read it: another gather.
+`x.index_select(0, index)` back-propagates with a zero fill plus a scatter-add over all rows of x, and `x[mask]`
+with an accumulating index_put (on CUDA a sort of the indices). When every row of x is read at most once (a
+permutation, a permutation plus padding rows whose gradient is zero, or a boolean selection), the gradient of
+row r is simply the gradient at the one position that read it, or zero: another gather.
 """
 
 from __future__ import annotations
@@ -39,3 +40,12 @@ def gather_rows(
 def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`x[perm]` (rows) for a permutation `perm` whose inverse is `inverse` (inverse[perm[i]] = i)."""
     return _GatherRows.apply(x, perm, inverse, False)
+
+
+def select_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x[mask]` `[K, ...]` for x `[T, ...]` and a bool mask `[T]`; the backward gathers instead of index_put."""
+    index = mask.nonzero().squeeze(1)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.index_select(0, index)
+    back = torch.where(mask, torch.cumsum(mask, 0) - 1, len(index))  # kept position, or K: zero gradient
+    return gather_rows(x, index, back, zero_pad=True)

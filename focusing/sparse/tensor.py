@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from focusing.data.grid import linearize
+from focusing.sparse.gather import select_rows
 
 
 class SpatialCache(dict):
@@ -131,7 +132,7 @@ class SparseTensor:
     def select(self, mask: torch.Tensor) -> SparseTensor:
         """The voxels where `mask` `[N]` (bool) is true: a new structure, still sorted, same batch size."""
         return SparseTensor(
-            self.coords[mask], self.feats[mask], batch_size=self.batch_size, resolution=self.resolution
+            self.coords[mask], select_rows(self.feats, mask), batch_size=self.batch_size, resolution=self.resolution
         )
 
     def unbind(self) -> list[SparseTensor]:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from focusing.data.grid import corner_positions, voxel_corners
+from focusing.sparse.gather import select_rows
 from focusing.sparse.lookup import find_voxels
 from focusing.sparseflex.tables import tables_on
 
@@ -72,7 +73,7 @@ class SparseFlexResult:
         """(vertices [Vb, 3], faces [Fb, 3]) of batch item `b` (differentiable w.r.t. the vertices)."""
         keep = self.vertex_batch == b
         remap = torch.cumsum(keep, 0) - 1
-        return self.vertices[keep], remap[self.faces[self.face_batch == b]]
+        return select_rows(self.vertices, keep), remap[self.faces[self.face_batch == b]]
 
     def meshes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.mesh(b) for b in range(self.batch_size)]
@@ -256,4 +257,4 @@ def _drop_unreferenced(vertices: torch.Tensor, faces: torch.Tensor, vertex_voxel
     used = torch.zeros(len(vertices), dtype=torch.bool, device=vertices.device)
     used[faces.reshape(-1)] = True
     remap = torch.cumsum(used, 0) - 1
-    return vertices[used], remap[faces], vertex_voxel[used]
+    return select_rows(vertices, used), remap[faces], vertex_voxel[used]
