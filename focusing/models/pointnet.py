@@ -103,8 +103,8 @@ class LocalPointNet(nn.Module):
         marks = torch.arange(self.chunk_points, len(voxel), self.chunk_points, device=ends.device)
         bounds = torch.unique(torch.cat([torch.searchsorted(ends, marks) + 1, ends.new_tensor([len(coords)])]))
         parts, lo, start = [], 0, 0
-        for hi in bounds.tolist():  # chunk: voxels [lo, hi) and their points [start, stop)
-            stop = int(ends[hi - 1])
+        his, stops = torch.stack([bounds, ends[bounds - 1]]).tolist()  # one host sync for all chunks
+        for hi, stop in zip(his, stops):  # chunk: voxels [lo, hi) and their points [start, stop)
             args = (net[start:stop], voxel[start:stop] - lo, hi - lo)
             grad = torch.is_grad_enabled() and (net.requires_grad or any(p.requires_grad for p in self.parameters()))
             parts.append(checkpoint(self._voxel_features, *args, use_reentrant=False) if grad
