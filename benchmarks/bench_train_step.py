@@ -15,8 +15,8 @@ for B). Modes (`--modes`): none, frustum (TripoSF's sectional training, unzoomed
 frustum of the zoomed camera), carve, carve+zoom. The camera of step i is drawn from a generator seeded by
 (seed, i) in every mode, and `focusing.carving.select_voxels` chooses the zoom on the carved set in every
 zoomed mode, so frustum+zoom and carve+zoom see the same pixels. `--checkpointing` picks the memory savings (the
-same result up to float rounding): config (the YAML's), none, blocks (each transformer block recomputed in the
-backward pass), all (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in
+same result up to float rounding): config (the YAML's), none, pointnet (only the PointNet in chunks of
+`--pointnet-chunk` points, recomputed), blocks (each transformer block recomputed in the backward pass), all (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in
 chunks of whole voxels of `--pointnet-chunk` points, and with `--block-group G` runs of G blocks checkpointed as
 one more level: less memory for one more forward of the blocks).
 
@@ -87,7 +87,7 @@ PHASES = ("pointnet", "encoder", "carve_depth", "selection", "decoder", "upsampl
           "render_pred", "losses", "other", "backward")
 MODULE_PHASES = {"pointnet": "pointnet", "encoder": "encoder", "decoder": "decoder", "upsample": "upsample",
                  "head": "head"}
-CHECKPOINTING = ("config", "none", "blocks", "all")
+CHECKPOINTING = ("config", "none", "pointnet", "blocks", "all")
 MIN_STEPS = 3  # measured steps a case keeps when --case-seconds cuts it short
 POINTNET_CHUNK = 65_536  # default points per checkpointed PointNet chunk of --checkpointing all
 BLOCK_CHUNK = 131_072  # voxels per block chunk of --checkpointing all: B recomputes ~5.5 GiB (41.7 GiB per 1M)
@@ -296,14 +296,15 @@ def find_mesh(name: str, folders: list[Path], workdir: Path) -> Path:
 def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk: int = POINTNET_CHUNK,
                block_chunk: int = BLOCK_CHUNK, block_group: int = 0):
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
-    config (as written), none, blocks (transformer blocks), all (blocks in checkpointed chunks of whole windows of
+    config (as written), none, pointnet (PointNet chunks of `pointnet_chunk` points only), blocks (transformer
+    blocks), all (blocks in checkpointed chunks of whole windows of
     `block_chunk` voxels, runs of `block_group` blocks checkpointed as one, PointNet chunks of `pointnet_chunk`
     points)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
         cfg.model.use_checkpoint = checkpointing in ("blocks", "all")
-        cfg.model.pointnet_chunk = pointnet_chunk if checkpointing == "all" else 0
+        cfg.model.pointnet_chunk = pointnet_chunk if checkpointing in ("pointnet", "all") else 0
         cfg.model.block_chunk = block_chunk if checkpointing == "all" else 0
         cfg.model.block_group = block_group if checkpointing == "all" else 0
     if image:
@@ -642,10 +643,10 @@ def parse_args(argv):
                     help="also the inference cases with these trained weights (an export folder, e.g. "
                     "checkpoints/focusing-s): output sizes of a trained model")
     ap.add_argument("--checkpointing", default="config",
-                    help=f"comma-separated variants of {CHECKPOINTING}: config (as the YAML says), none, blocks "
-                    f"(transformer blocks), all (blocks in checkpointed chunks of whole windows of --block-chunk "
+                    help=f"comma-separated variants of {CHECKPOINTING}: config (as the YAML says), none, pointnet "
+                    f"(PointNet chunks only), blocks (transformer blocks), all (blocks in checkpointed chunks of whole windows of --block-chunk "
                     f"voxels + PointNet in checkpointed chunks of --pointnet-chunk points)")
-    ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK, help="points per PointNet chunk of 'all'")
+    ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK, help="points per PointNet chunk of 'pointnet' and 'all'")
     ap.add_argument("--block-chunk", type=int, default=BLOCK_CHUNK,
                     help="voxels per transformer-block chunk of 'all' (VAEConfig.block_chunk)")
     ap.add_argument("--block-group", type=int, default=0,

@@ -135,6 +135,9 @@ def test_checkpointing_variants_set_the_config(bench):
     assert (all_.use_checkpoint, all_.pointnet_chunk, all_.block_chunk, all_.block_group) == (True, 1000, 500, 3)
     blocks = bench.experiment("S", "blocks", None, block_group=3).model
     assert (blocks.use_checkpoint, blocks.pointnet_chunk, blocks.block_chunk, blocks.block_group) == (True, 0, 0, 0)
+    pointnet = bench.experiment("S", "pointnet", None, pointnet_chunk=1000, block_chunk=500, block_group=3).model
+    assert (pointnet.use_checkpoint, pointnet.pointnet_chunk, pointnet.block_chunk, pointnet.block_group) == (
+        False, 1000, 0, 0)
 
 
 def test_max_minutes_marks_cases_not_run(bench, tmp_path):
