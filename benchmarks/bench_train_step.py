@@ -16,9 +16,10 @@ frustum of the zoomed camera), carve, carve+zoom. The camera of step i is drawn 
 (seed, i) in every mode, and `focusing.carving.select_voxels` chooses the zoom on the carved set in every
 zoomed mode, so frustum+zoom and carve+zoom see the same pixels. `--checkpointing` picks the memory savings (the
 same result up to float rounding): config (the YAML's), none, pointnet (only the PointNet in chunks of
-`--pointnet-chunk` points, recomputed), blocks (each transformer block recomputed in the backward pass), all (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in
-chunks of whole voxels of `--pointnet-chunk` points, and with `--block-group G` runs of G blocks checkpointed as
-one more level: less memory for one more forward of the blocks).
+`--pointnet-chunk` points, recomputed), blocks (each transformer block recomputed in the backward pass), all
+(blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in chunks of whole voxels
+of `--pointnet-chunk` points, and with `--block-group G` runs of G blocks checkpointed as one more level: less
+memory for one more forward of the blocks).
 
 Per case: latent voxels encoded and decoded, voxels at R/2 and R, predicted triangles rendered (medians over the
 steps), peak CUDA memory (`torch.cuda.max_memory_allocated`, reset after the warm-up), median forward+backward
@@ -297,9 +298,8 @@ def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk:
                block_chunk: int = BLOCK_CHUNK, block_group: int = 0):
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
     config (as written), none, pointnet (PointNet chunks of `pointnet_chunk` points only), blocks (transformer
-    blocks), all (blocks in checkpointed chunks of whole windows of
-    `block_chunk` voxels, runs of `block_group` blocks checkpointed as one, PointNet chunks of `pointnet_chunk`
-    points)."""
+    blocks), all (blocks in checkpointed chunks of whole windows of `block_chunk` voxels, runs of `block_group`
+    blocks checkpointed as one, PointNet chunks of `pointnet_chunk` points)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
@@ -574,7 +574,7 @@ def plot(results: dict, path: Path) -> bool:
     fig, axes = plt.subplots(max(len(configs), 1), max(len(meshes), 1), squeeze=False,
                              figsize=(3.4 * max(len(meshes), 1), 2.9 * max(len(configs), 1)))
     capacity = results.get("gpu_gib")
-    top = capacity or max((r.get("peak_gib") or 0) for r in rows) if rows else 1.0
+    top = capacity or max([r.get("peak_gib") or 0 for r in rows] + [1.0])
     for (config, ckpt), line_axes in zip(configs, axes):
         for mesh, ax in zip(meshes, line_axes):
             sel = [r for r in rows if (r["config"], r["checkpointing"], r["mesh"]) == (config, ckpt, mesh)]
@@ -588,7 +588,8 @@ def plot(results: dict, path: Path) -> bool:
                 if ok:
                     ax.plot(*zip(*ok), marker="o", color=color, label=mode)
                 if oom:
-                    ax.scatter(oom, [top] * len(oom), marker="x", s=50, color=color, label=None if ok else f"{mode} OOM")
+                    ax.scatter(oom, [top] * len(oom), marker="x", s=50, color=color,
+                               label=None if ok else f"{mode} OOM")
             if capacity:
                 ax.axhline(capacity, color="grey", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
@@ -644,9 +645,11 @@ def parse_args(argv):
                     "checkpoints/focusing-s): output sizes of a trained model")
     ap.add_argument("--checkpointing", default="config",
                     help=f"comma-separated variants of {CHECKPOINTING}: config (as the YAML says), none, pointnet "
-                    f"(PointNet chunks only), blocks (transformer blocks), all (blocks in checkpointed chunks of whole windows of --block-chunk "
-                    f"voxels + PointNet in checkpointed chunks of --pointnet-chunk points)")
-    ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK, help="points per PointNet chunk of 'pointnet' and 'all'")
+                    f"(PointNet chunks only), blocks (transformer blocks), all (blocks in checkpointed chunks of "
+                    f"whole windows of --block-chunk voxels + PointNet in checkpointed chunks of --pointnet-chunk "
+                    f"points)")
+    ap.add_argument("--pointnet-chunk", type=int, default=POINTNET_CHUNK,
+                    help="points per PointNet chunk of 'pointnet' and 'all'")
     ap.add_argument("--block-chunk", type=int, default=BLOCK_CHUNK,
                     help="voxels per transformer-block chunk of 'all' (VAEConfig.block_chunk)")
     ap.add_argument("--block-group", type=int, default=0,

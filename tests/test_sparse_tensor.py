@@ -47,7 +47,8 @@ def test_select_rows_is_boolean_indexing_with_the_same_gradient():
     and 3-D rows; through SparseTensor.select as well."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 4, 3, generator=g, dtype=torch.float64)
-    for mask in (torch.rand(50, generator=g) < 0.4, torch.zeros(50, dtype=torch.bool), torch.ones(50, dtype=torch.bool)):
+    masks = (torch.rand(50, generator=g) < 0.4, torch.zeros(50, dtype=torch.bool), torch.ones(50, dtype=torch.bool))
+    for mask in masks:
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = a[mask], select_rows(b, mask)
         assert torch.equal(ya, yb)
