@@ -19,7 +19,7 @@ same result up to float rounding): config (the YAML's), none, pointnet (only the
 `--pointnet-chunk` points, recomputed), blocks (each transformer block recomputed in the backward pass), all
 (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in chunks of whole voxels
 of `--pointnet-chunk` points, and with `--block-group G` runs of G blocks checkpointed as one more level: less
-memory for one more forward of the blocks).
+memory for one more forward of the blocks; `--offload` keeps those runs' inputs in host memory).
 
 Per case: latent voxels encoded and decoded, voxels at R/2 and R, predicted triangles rendered (medians over the
 steps), peak CUDA memory (`torch.cuda.max_memory_allocated`, reset after the warm-up), median forward+backward
@@ -295,11 +295,12 @@ def find_mesh(name: str, folders: list[Path], workdir: Path) -> Path:
 
 
 def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk: int = POINTNET_CHUNK,
-               block_chunk: int = BLOCK_CHUNK, block_group: int = 0):
+               block_chunk: int = BLOCK_CHUNK, block_group: int = 0, offload: bool = False):
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
     config (as written), none, pointnet (PointNet chunks of `pointnet_chunk` points only), blocks (transformer
     blocks), all (blocks in checkpointed chunks of whole windows of `block_chunk` voxels, runs of `block_group`
-    blocks checkpointed as one, PointNet chunks of `pointnet_chunk` points)."""
+    blocks checkpointed as one, their inputs in host memory if `offload`, PointNet chunks of `pointnet_chunk`
+    points)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
@@ -307,6 +308,7 @@ def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk:
         cfg.model.pointnet_chunk = pointnet_chunk if checkpointing in ("pointnet", "all") else 0
         cfg.model.block_chunk = block_chunk if checkpointing == "all" else 0
         cfg.model.block_group = block_group if checkpointing == "all" else 0
+        cfg.model.block_offload = offload and checkpointing == "all"
     if image:
         cfg.views.image_size = image
     return cfg
@@ -655,6 +657,9 @@ def parse_args(argv):
     ap.add_argument("--block-group", type=int, default=0,
                     help="blocks per outer checkpoint of 'all' (VAEConfig.block_group; 0: none; recorded in the "
                     "JSON's settings)")
+    ap.add_argument("--offload", action="store_true",
+                    help="with 'all' and --block-group: the runs' inputs wait in pinned host memory for the backward "
+                    "(VAEConfig.block_offload)")
     ap.add_argument("--meshes", type=Path, default=None, help="folder of the shared meshes (default: found)")
     ap.add_argument("--names", default=",".join(MESHES), help="comma-separated mesh names")
     ap.add_argument("--resolutions", default="256,512,1024,2048", help="training R ('' = no training cases)")
@@ -692,6 +697,8 @@ def parse_args(argv):
         for key, value in quick.items():
             if getattr(args, key) == ap.get_default(key):
                 setattr(args, key, value)
+    if args.offload and args.block_group < 1:
+        ap.error("--offload needs --block-group >= 1 (the runs of blocks whose inputs go to host memory)")
     for v in args.checkpointing.split(","):
         if v not in CHECKPOINTING:
             ap.error(f"--checkpointing {v!r}: choose from {', '.join(CHECKPOINTING)}")
@@ -764,7 +771,7 @@ def main(argv=None) -> dict:
         for config_name in [c for c in args.configs.split(",") if c]:
             for ckpt in args.checkpointing.split(","):
                 cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk, args.block_chunk,
-                                 args.block_group)
+                                 args.block_group, args.offload)
                 torch.manual_seed(args.seed)
                 model = FocusingVAE(cfg.model).to(device).train()
                 points = args.points or cfg.data.points

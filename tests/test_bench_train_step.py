@@ -131,10 +131,12 @@ def test_out_of_memory_is_a_result_and_the_run_goes_on(bench, monkeypatch, tmp_p
 
 
 def test_checkpointing_variants_set_the_config(bench):
-    all_ = bench.experiment("S", "all", None, pointnet_chunk=1000, block_chunk=500, block_group=3).model
-    assert (all_.use_checkpoint, all_.pointnet_chunk, all_.block_chunk, all_.block_group) == (True, 1000, 500, 3)
-    blocks = bench.experiment("S", "blocks", None, block_group=3).model
-    assert (blocks.use_checkpoint, blocks.pointnet_chunk, blocks.block_chunk, blocks.block_group) == (True, 0, 0, 0)
+    all_ = bench.experiment("S", "all", None, pointnet_chunk=1000, block_chunk=500, block_group=3, offload=True).model
+    assert (all_.use_checkpoint, all_.pointnet_chunk, all_.block_chunk, all_.block_group, all_.block_offload) == (
+        True, 1000, 500, 3, True)
+    blocks = bench.experiment("S", "blocks", None, block_group=3, offload=True).model
+    assert (blocks.use_checkpoint, blocks.pointnet_chunk, blocks.block_chunk, blocks.block_group,
+            blocks.block_offload) == (True, 0, 0, 0, False)
     pointnet = bench.experiment("S", "pointnet", None, pointnet_chunk=1000, block_chunk=500, block_group=3).model
     assert (pointnet.use_checkpoint, pointnet.pointnet_chunk, pointnet.block_chunk, pointnet.block_group) == (
         False, 1000, 0, 0)

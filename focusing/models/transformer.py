@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from focusing.models.recompute import checkpoint_row_chunks, host_checkpoint
 from focusing.sparse.attention import (
     WindowPartition,
     pack,
@@ -117,12 +118,13 @@ class SparseTransformerBlock(nn.Module):
 
     use_checkpoint: recompute the block in the backward pass instead of storing its activations.
     chunk_tokens: when > 0 and the block has more voxels, run it in chunks of whole windows of at most that many
-        voxels (`window_chunks`; a longer window is a chunk alone), each checkpointed when gradients are on
-        (whatever use_checkpoint says). Windows do not interact within a block and the rest is per voxel, so the
-        result is the same (up to float rounding), but the backward pass keeps only the block's input (in window
-        order) and holds one chunk's recomputed intermediates at a time (qkv, attention, MLP hidden: ~42 KB per
-        voxel for C = 768, bench_sparse) instead of the whole block's. Without gradients it runs chunk by chunk
-        (a lower transient peak).
+        voxels (`window_chunks`; a longer window is a chunk alone), recomputed chunk by chunk in the backward when
+        gradients are on (`checkpoint_row_chunks`, whatever use_checkpoint says). Windows do not interact within a
+        block and the rest is per voxel, so the result is the same (up to float rounding), but the backward pass
+        keeps only the block's input and holds, besides the output's and the input's gradients, one chunk's
+        recomputed intermediates at a time (qkv, attention, MLP hidden: ~42 KB per voxel for C = 768,
+        bench_sparse) instead of the whole block's. Without gradients it runs chunk by chunk (a lower transient
+        peak).
     """
 
     def __init__(
@@ -161,11 +163,9 @@ class SparseTransformerBlock(nn.Module):
         part = window_partition(x, self.attn.window_size, self.attn.shift)  # cached outside the checkpointed code
         if 0 < self.chunk_tokens < len(x):
             chunks = window_chunks(part, self.chunk_tokens)
-            rows = pack(x.feats, part).split([len(c.order) for c in chunks])  # split: one gradient cat, no scatter
-            grad = torch.is_grad_enabled()
-            out = torch.cat([checkpoint(self._chunk, r, c, use_reentrant=False) if grad else self._chunk(r, c)
-                             for r, c in zip(rows, chunks)])
-            return x.replace(unpack(out, part))
+            rows = part.order.split([len(c.order) for c in chunks])  # each chunk's voxels, in window order
+            return x.replace(checkpoint_row_chunks(self._chunk, x.feats, list(zip(rows, chunks)),
+                                                   list(self.parameters())))
         if self.use_checkpoint and torch.is_grad_enabled():
             return x.replace(checkpoint(self._forward, x.feats, x, use_reentrant=False))
         return x.replace(self._forward(x.feats, x))
@@ -179,6 +179,9 @@ class SparseTransformer(nn.Module):
         second level over the blocks' own checkpointing: the backward pass keeps one `[N, C]` input per run instead
         of one per checkpointed block (12 blocks in runs of 4: 4 + 4 held at most instead of 12), at the cost of
         one more forward of the blocks. Same result (the recomputation is the same computation).
+    block_offload: the runs' inputs wait in host memory for the backward (`recompute.host_checkpoint`; with block_group >= 1,
+        1 = every block its own run): the device then holds one run's inputs at a time, for one device -> host and
+        one host -> device copy of `[N, C]` a run. Same result.
     """
 
     def __init__(
@@ -197,9 +200,12 @@ class SparseTransformer(nn.Module):
         pos_embedding: str = "absolute",
         block_chunk: int = 0,
         block_group: int = 0,
+        block_offload: bool = False,
     ):
         super().__init__()
-        self.block_group = block_group
+        if block_offload and block_group < 1:
+            raise ValueError("block_offload needs block_group >= 1 (the runs whose inputs go to host memory)")
+        self.block_group, self.block_offload = block_group, block_offload
         if pos_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"pos_embedding must be one of {POSITION_EMBEDDINGS}, got {pos_embedding!r}")
         self.input_layer = nn.Linear(in_channels, model_channels)
@@ -230,7 +236,11 @@ class SparseTransformer(nn.Module):
         if self.pos_embedder is not None:
             h = h + self.pos_embedder(x.coords[:, 1:])
         n, g = len(self.blocks), self.block_group
-        if 1 < g < n and torch.is_grad_enabled():
+        if self.block_offload and torch.is_grad_enabled():
+            for start in range(0, n, g):
+                params = [p for b in self.blocks[start:start + g] for p in b.parameters()]
+                h = host_checkpoint(lambda f, s=start: self._run_blocks(f, x, s, s + g), h, params)
+        elif 1 < g < n and torch.is_grad_enabled():
             for start in range(0, n, g):
                 h = checkpoint(self._run_blocks, h, x, start, start + g, use_reentrant=False)
         else:

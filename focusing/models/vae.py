@@ -61,6 +61,7 @@ class VAEConfig:
     pointnet_chunk: int = 0  # points per checkpointed PointNet chunk of whole voxels (0: one pass; same result)
     block_chunk: int = 0  # voxels per checkpointed chunk of whole windows in each block (0: whole block; same result)
     block_group: int = 0  # blocks per outer checkpoint over the blocks (0: none; less memory, one more forward)
+    block_offload: bool = False  # the block_group runs' inputs wait in host memory for the backward (same result)
     freeze_pointnet: bool = False  # keep the PointNet fixed (e.g. after pre-training it with the rest)
     resolution: int = 1024  # output resolution the model is trained for (the default of `reconstruct`)
 
@@ -72,6 +73,8 @@ class VAEConfig:
                                  f"{self.head_channels}")
         if len(self.upsample_channels) != 2:
             raise ValueError(f"upsample_channels needs 2 entries (R/2, R), got {self.upsample_channels}")
+        if self.block_offload and self.block_group < 1:
+            raise ValueError("block_offload needs block_group >= 1 (the runs of blocks whose inputs go to host memory)")
         if self.resolution % LATENT_FACTOR:
             raise ValueError(f"resolution must be a multiple of {LATENT_FACTOR}, got {self.resolution}")
 
@@ -168,7 +171,7 @@ class FocusingVAE(nn.Module):
         common = dict(
             mlp_ratio=c.mlp_ratio, window_size=c.window_size, use_checkpoint=c.use_checkpoint,
             qk_rms_norm=c.qk_rms_norm, pos_embedding=c.pos_embedding, block_chunk=c.block_chunk,
-            block_group=c.block_group,
+            block_group=c.block_group, block_offload=c.block_offload,
         )
         self.encoder = SparseTransformer(
             c.pointnet_channels, c.encoder_channels, 2 * c.latent_channels, c.encoder_blocks,
