@@ -79,6 +79,12 @@ class SparseFlexResult:
         return [self.mesh(b) for b in range(self.batch_size)]
 
 
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[index]` for an integer index of any shape -> `[*index.shape, *x.shape[1:]]`, as `index_select`: its
+    backward accumulates with index_add (atomic adds on CUDA), where advanced indexing's sorts the indices first."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
 def weights_from_raw(alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor):
     """Raw α [N, 8], β [N, 12], γ [N] -> positive FlexiCubes weights (see the module docstring)."""
     return (
@@ -140,9 +146,9 @@ def sparseflex_mesh(
 
     corner_field = average_corners(torch.cat([sdf[..., None], deform], -1), v2c, m)  # [M, 4]: one pass for s, δ
     corner_sdf, corner_deform = corner_field[:, 0], corner_field[:, 1:]
-    consistency = ((sdf - corner_sdf[v2c]) * resolution).square().mean() if n else sdf.sum()
+    consistency = ((sdf - take(corner_sdf, v2c)) * resolution).square().mean() if n else sdf.sum()
     if n:
-        consistency = consistency + (deform - corner_deform[v2c]).square().mean()
+        consistency = consistency + (deform - take(corner_deform, v2c)).square().mean()
     corner_offset = torch.tanh(corner_deform) * (DEFORM_LIMIT / resolution)
     corner_pos = corner_positions(corners, resolution, dtype) + corner_offset
     alpha_w, beta_w, gamma_w = weights_from_raw(alpha, beta, gamma.reshape(-1))
@@ -164,24 +170,24 @@ def sparseflex_mesh(
         axis = ei // 4
 
     # crossing points (α-weighted for the dual vertices, plain for L_dev) and β-weighted dual vertices
-    sa, sb = corner_sdf[ca, None], corner_sdf[cb, None]
-    xa, xb = corner_pos[ca], corner_pos[cb]
-    wa = sa * alpha_w[vox, t["edge_corners"][ei, 0], None]
-    wb = sb * alpha_w[vox, t["edge_corners"][ei, 1], None]
+    sa, sb = take(corner_sdf, ca)[:, None], take(corner_sdf, cb)[:, None]
+    xa, xb = take(corner_pos, ca), take(corner_pos, cb)
+    wa = sa * take(alpha_w.reshape(-1), vox * 8 + t["edge_corners"][ei, 0])[:, None]
+    wb = sb * take(alpha_w.reshape(-1), vox * 8 + t["edge_corners"][ei, 1])[:, None]
     crossing = (xa * wb - xb * wa) / (wb - wa)
     plain = (xa * sb - xb * sa) / (sb - sa)
-    b = beta_w[vox, ei, None]
+    b = take(beta_w.reshape(-1), vox * 12 + ei)[:, None]
     vd = torch.zeros((n_dual, 3), dtype=dtype, device=device).index_add(0, dual, crossing * b)
     vd = vd / torch.zeros((n_dual, 1), dtype=dtype, device=device).index_add(0, dual, b)
     dev_loss = _deviation(vd, plain, dual, n_dual)
 
     quads, flip = _quads(ca, ei, axis, dual, corner_sdf, t["quad_cycle"])
     quads = torch.where(flip[:, None], quads.flip(1), quads)
-    g = gamma_w[dual_voxel]
-    g02 = g[quads[:, 0]] * g[quads[:, 2]]
-    g13 = g[quads[:, 1]] * g[quads[:, 3]]
+    g = take(gamma_w, dual_voxel)
+    gq = take(g, quads)  # [Q, 4]
+    g02, g13 = gq[:, 0] * gq[:, 2], gq[:, 1] * gq[:, 3]
     if training:
-        q = vd[quads]  # [Q, 4, 3]
+        q = take(vd, quads)  # [Q, 4, 3]
         w02, w13 = g02[:, None], g13[:, None]
         centre = (w02 * (q[:, 0] + q[:, 2]) + w13 * (q[:, 1] + q[:, 3])) / (2 * (w02 + w13))
         centre_id = torch.arange(len(quads), device=device) + n_dual
@@ -218,10 +224,10 @@ def _deviation(vd: torch.Tensor, plain: torch.Tensor, dual: torch.Tensor, n_dual
     """FlexiCubes L_dev: mean over (dual vertex, crossed edge) of | d - mean_d |, d = |plain crossing - vd|."""
     if len(dual) == 0:
         return vd.sum() * 0
-    dist = torch.linalg.vector_norm(plain - vd[dual], dim=1)
+    dist = torch.linalg.vector_norm(plain - take(vd, dual), dim=1)
     count = torch.bincount(dual, minlength=n_dual).clamp_(min=1).to(dist.dtype)
     mean = torch.zeros(n_dual, dtype=dist.dtype, device=dist.device).index_add(0, dual, dist) / count
-    return (dist - mean[dual]).abs().mean()
+    return (dist - take(mean, dual)).abs().mean()
 
 
 @torch.no_grad()
