@@ -170,6 +170,38 @@ def test_chunked_block_on_cuda_bf16_varlen_matches_the_whole_block():
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
+
+@pytest.mark.gpu
+def test_offloaded_runs_on_cuda_bf16_match_checkpointed_runs():
+    """Runs whose inputs wait in pinned host memory (non-blocking copies on the stream) against the same runs
+    checkpointed on the device, on CUDA under bf16 autocast: the same values and gradients (the same kernels),
+    and the device holds less at the peak of the backward (`torch.cuda.max_memory_allocated`)."""
+    torch.manual_seed(0)
+    coords = random_coords(2, 40, 0.3, seed=9).cuda()
+    x = SparseTensor(coords, torch.randn(len(coords), 64, device="cuda"), batch_size=2)
+    results, peaks = [], []
+    for offload in (False, True):
+        torch.manual_seed(1)
+        model = SparseTransformer(64, 128, 64, num_blocks=6, num_heads=2, window_size=8, block_chunk=4000,
+                                  block_group=2, block_offload=offload).cuda()
+        feats = x.feats.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x.replace(feats)).feats
+        out.float().square().mean().backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        results.append((out.float(), feats.grad, [p.grad for p in model.parameters()]))
+    (out_a, ga, pa), (out_b, gb, pb) = results
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    rows = len(x) * 128 * 4
+    assert peaks[1] < peaks[0] - rows, (peaks, rows)  # the other runs' inputs (2 of 3) are not on the device
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages allocated by ops run under the mode that are still alive, and their peak.
 

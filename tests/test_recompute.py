@@ -1,6 +1,7 @@
 """The hand-written checkpoints of `focusing.models.recompute`: numerical gradients (gradcheck, float64) for the
 input and the parameters, the plain function's values, and the no-gradient path."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -56,3 +57,16 @@ def test_row_chunks_without_an_input_gradient_still_give_the_parameters_theirs()
     want = torch.autograd.grad(mlp(feats, *ps).sum(), ps)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_host_memory_exhaustion_is_an_out_of_memory_error(monkeypatch):
+    """A failed (pinned) host allocation surfaces as torch.OutOfMemoryError naming the host, so the trainer and
+    the benchmark treat it like the device's out-of-memory (B at 2048 offloading every block: 12 x 10.9 GB)."""
+    from focusing.models import recompute
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(recompute.torch, "empty", fail)
+    with pytest.raises(torch.OutOfMemoryError, match="pinned host memory"):
+        recompute.to_host(torch.ones(4, 2))

@@ -25,7 +25,11 @@ def _autocast_of(t: torch.Tensor):
 def to_host(feats: torch.Tensor) -> torch.Tensor:
     """A host copy of feats (pinned when feats is on CUDA; the copy is ordered on the stream before any later
     reuse of feats' memory, so feats may be freed at once)."""
-    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=feats.is_cuda)
+    try:
+        host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=feats.is_cuda)
+    except RuntimeError as exc:  # the host's (pinned) memory is full: an out-of-memory like the device's
+        gib = feats.numel() * feats.element_size() / 2**30
+        raise torch.OutOfMemoryError(f"out of pinned host memory for a {gib:.1f} GiB block input: {exc}") from exc
     return host.copy_(feats, non_blocking=True)
 
 def _grads(out, inputs: list, params: tuple, grad) -> list:
