@@ -39,6 +39,23 @@ def blocks(shift, chunk=CHUNK, use_checkpoint=False):
     return whole, chunked
 
 
+def forward_backward(model, x: SparseTensor, autocast: bool = False):
+    """(output, input gradient, parameter gradients) of `model` on x with the loss sum(out^2); bf16 CPU autocast
+    if asked."""
+    feats = x.feats.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x.replace(feats)).feats
+    (out.float() if autocast else out).square().sum().backward()
+    return out.detach(), feats.grad, [p.grad for p in model.parameters()]
+
+
+def assert_same_results(a, b, out_tol=1e-12, rtol=1e-10, atol=1e-12):
+    """Two `forward_backward` results agree: outputs to out_tol, gradients to (rtol, atol)."""
+    torch.testing.assert_close(b[0], a[0], rtol=out_tol, atol=out_tol)
+    torch.testing.assert_close(b[1], a[1], rtol=rtol, atol=atol)
+    for pa, pb in zip(a[2], b[2]):
+        torch.testing.assert_close(pb, pa, rtol=rtol, atol=atol)
+
 def test_chunks_are_runs_of_whole_windows_of_at_most_the_limit():
     x = structure()
     part = window_partition(x, 4, 2)
@@ -90,15 +107,8 @@ def test_chunked_transformer_equals_the_whole_one():
         model = SparseTransformer(16, 32, 8, num_blocks=3, num_heads=4, window_size=4, block_chunk=block_chunk)
         model.double()
         assert all(b.chunk_tokens == block_chunk for b in model.blocks)
-        feats = x.feats.clone().requires_grad_()
-        out = model(x.replace(feats)).feats
-        out.square().sum().backward()
-        results.append((out.detach(), feats.grad, [p.grad for p in model.parameters()]))
-    (out_a, ga, pa), (out_b, gb, pb) = results
-    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-12)
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        results.append(forward_backward(model, x))
+    assert_same_results(*results)
 
 
 @pytest.mark.parametrize("block_chunk", [0, CHUNK])
@@ -110,17 +120,10 @@ def test_grouped_blocks_equal_the_plain_transformer(block_chunk):
         torch.manual_seed(3)
         model = SparseTransformer(16, 32, 8, num_blocks=5, num_heads=4, window_size=4, use_checkpoint=True,
                                   block_chunk=block_chunk, block_group=group).double()
-        feats = x.feats.clone().requires_grad_()
-        out = model(x.replace(feats)).feats
-        out.square().sum().backward()
-        results.append((out.detach(), feats.grad, [p.grad for p in model.parameters()]))
+        results.append(forward_backward(model, x))
         with torch.no_grad():  # without gradients the runs are not checkpointed: same values
-            torch.testing.assert_close(model(x).feats, out.detach(), rtol=1e-12, atol=1e-12)
-    (out_a, ga, pa), (out_b, gb, pb) = results
-    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-12)
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(model(x).feats, results[-1][0], rtol=1e-12, atol=1e-12)
+    assert_same_results(*results)
 
 
 def test_vae_config_passes_the_chunking_to_encoder_and_decoder():
@@ -299,15 +302,8 @@ def test_offloaded_runs_equal_the_plain_transformer(group, block_chunk):
         torch.manual_seed(3)
         model = SparseTransformer(16, 32, 8, num_blocks=5, num_heads=4, window_size=4, block_chunk=block_chunk,
                                   block_group=group if offload else 0, block_offload=offload).double()
-        feats = x.feats.clone().requires_grad_()
-        out = model(x.replace(feats)).feats
-        out.square().sum().backward()
-        results.append((out.detach(), feats.grad, [p.grad for p in model.parameters()]))
-    (out_a, ga, pa), (out_b, gb, pb) = results
-    torch.testing.assert_close(out_b, out_a, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-12)
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        results.append(forward_backward(model, x))
+    assert_same_results(*results)
 
 
 def test_offloaded_runs_recompute_under_the_forwards_autocast():
@@ -319,17 +315,9 @@ def test_offloaded_runs_recompute_under_the_forwards_autocast():
         torch.manual_seed(3)
         model = SparseTransformer(16, 32, 8, num_blocks=4, num_heads=4, window_size=4, block_chunk=CHUNK,
                                   block_group=2, block_offload=offload)
-        feats = x.feats.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x.replace(feats)).feats
-        out.float().square().sum().backward()
-        results.append((out.detach(), feats.grad, [p.grad for p in model.parameters()]))
-    (out_a, ga, pa), (out_b, gb, pb) = results
-    assert out_a.dtype == torch.bfloat16
-    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
-    torch.testing.assert_close(gb, ga, rtol=1e-6, atol=1e-7)
-    for a, b in zip(pa, pb):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        results.append(forward_backward(model, x, autocast=True))
+    assert results[0][0].dtype == torch.bfloat16
+    assert_same_results(*results, out_tol=0, rtol=1e-6, atol=1e-7)
 
 
 def test_offloaded_runs_hold_no_run_inputs_on_the_device(monkeypatch):
