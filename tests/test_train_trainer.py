@@ -94,6 +94,18 @@ def test_resume_on_another_kind_of_device_restarts_only_the_random_streams(tmp_p
     assert [r["step"] for r in read_metrics(tmp_path / "gpu" / "metrics.jsonl")] == list(range(1, 7))
 
 
+def test_resume_with_another_train_config_says_where_it_differs(tmp_path, capsys):
+    """Resuming under a train config whose steps differ from the checkpoint's (a resume without the first run's
+    --set) names the key and both values on stderr and goes on with the new value; the same config, or a changed
+    log interval, says nothing."""
+    assert make_trainer(tmp_path, train_config(steps=6)).run(max_steps=3).step == 3
+    capsys.readouterr()
+    assert make_trainer(tmp_path, train_config(steps=4, log_every=2)).run(resume=True).step == 4
+    err = capsys.readouterr().err
+    assert "differs from the checkpoint's at 'steps' (checkpoint 6, now 4)" in err
+    assert make_trainer(tmp_path, train_config(steps=4, log_every=3)).run(resume=True).step == 4
+    assert "differs" not in capsys.readouterr().err
+
 def test_stage_sources_are_rebuilt_and_closed(tmp_path):
     cfg = train_config(steps=6, stages=[{"resolution": 16, "steps": 2}, {"resolution": 32, "steps": 2},
                                         {"resolution": 64, "steps": 0}])

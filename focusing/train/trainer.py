@@ -309,6 +309,22 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, tensors, meta, shard_bytes=int(self.cfg.checkpoint_shard_mb * 2**20))
         self._save_seconds = time.perf_counter() - t0
 
+    def _note_train_changes(self, saved: dict | None, where) -> None:
+        """A note on stderr when the train config now differs from the checkpoint's in what shapes the run (steps,
+        schedule, batch, stages, ...; not the logging and checkpoint intervals): a resume without the first run's
+        `--set` overrides otherwise continues under the YAML's values, e.g. stops at once when its `steps` are fewer.
+        Changing them on purpose is allowed (training longer); the run is then not an exact continuation."""
+        if saved is None or not self.dist.is_main:
+            return
+        ignored = ("log_every", "image_every", "checkpoint_every", "checkpoint_shard_mb", "max_nonfinite")
+        now = {k: v for k, v in to_dict(self.cfg).items() if k not in ignored}
+        difference = first_difference({k: v for k, v in saved.items() if k not in ignored}, now)
+        if difference is not None:
+            key, was, new = difference
+            print(f"focusing train: {where}: the train config differs from the checkpoint's at {key!r} "
+                  f"(checkpoint {was!r}, now {new!r}); the run goes on with the new value (repeat the first run's "
+                  f"--set to continue it exactly)", file=sys.stderr)
+
     def _restore(self) -> None:
         tensors, meta = load_checkpoint(self.ckpt_dir)
         where = self.ckpt_dir / CHECKPOINT_JSON
@@ -318,6 +334,7 @@ class Trainer:
             if difference is not None:
                 raise FocusingError(f"{where}: cannot resume, the model config differs at {difference[0]!r} "
                                     f"(checkpoint {difference[1]!r}, now {difference[2]!r})")
+        self._note_train_changes(meta.get("train"), where)
         load_state_dict_strict(self.model, {k[len("model/"):]: v for k, v in tensors.items()
                                             if k.startswith("model/")}, where)
         try:
