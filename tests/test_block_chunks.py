@@ -268,11 +268,11 @@ def test_chunks_bound_what_the_recomputation_holds():
 
 
 def test_grouped_blocks_hold_one_input_per_run():
-    """Checkpointed blocks keep one `[N, C]` input each for the backward pass (8 blocks: 8, plus what the output
-    layers and a block's backward hold: measured 13.6 `[N, C]` tensors at the peak). In runs of 3 checkpointed as one, the backward
-    keeps the 3 runs' inputs and, while it recomputes a run, that run's 3 block inputs (measured 9.1). It would
-    fail if the runs were not checkpointed (the peak would not fall) or the blocks inside a run were not
-    (their intermediates would add ~20 tensors per block)."""
+    """Checkpointed blocks keep one `[N, C]` input each for the backward pass (8 blocks: 8, plus what the output layers
+    and a block's backward hold: measured 13.6 `[N, C]` tensors at the peak). In runs of 3 checkpointed as one, the
+    backward keeps the 3 runs' inputs and, while it recomputes a run, that run's 3 block inputs (measured 9.1). It
+    would fail if the runs were not checkpointed (the peak would not fall) or the blocks inside a run were not (their
+    intermediates would add ~20 tensors per block)."""
     x = structure(dtype=torch.float32, extent=20)
     x = SparseTensor(x.coords, torch.randn(len(x), 32), batch_size=2)
     rows = len(x) * 32 * 4

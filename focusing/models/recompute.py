@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+
 def _autocast_of(t: torch.Tensor):
     """A callable that re-enters, in the backward pass, the autocast state the forward ran under on t's device."""
     device_type = t.device.type
     enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     return lambda: torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
 
 def to_host(feats: torch.Tensor) -> torch.Tensor:
     """A host copy of feats (pinned when feats is on CUDA; the copy is ordered on the stream before any later
@@ -32,11 +34,13 @@ def to_host(feats: torch.Tensor) -> torch.Tensor:
         raise torch.OutOfMemoryError(f"out of pinned host memory for a {gib:.1f} GiB block input: {exc}") from exc
     return host.copy_(feats, non_blocking=True)
 
+
 def _grads(out, inputs: list, params: tuple, grad) -> list:
     """Gradients of `out` (weighted by grad) for inputs + params; None for a parameter that needs none."""
     wanted = [p for p in params if p.requires_grad]
     got = iter(torch.autograd.grad(out, [*inputs, *wanted], grad, allow_unused=True))
     return [next(got) for _ in inputs] + [next(got) if p.requires_grad else None for p in params]
+
 
 class _HostCheckpoint(torch.autograd.Function):
     @staticmethod
@@ -53,6 +57,7 @@ class _HostCheckpoint(torch.autograd.Function):
             out = ctx.run(feats)
         return (None, *_grads(out, [feats], ctx.params, grad))
 
+
 def host_checkpoint(run, feats: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
     """`run(feats)` (feats `[N, C]` -> `[N, C']`) checkpointed with its input kept in host memory until the backward.
 
@@ -63,6 +68,7 @@ def host_checkpoint(run, feats: torch.Tensor, params: list[nn.Parameter]) -> tor
         return run(feats)
     return _HostCheckpoint.apply(run, feats, *params)
 
+
 def _run_row_chunks(fn, feats: torch.Tensor, chunks: list) -> torch.Tensor:
     out = None
     for rows, arg in chunks:
@@ -71,6 +77,7 @@ def _run_row_chunks(fn, feats: torch.Tensor, chunks: list) -> torch.Tensor:
             out = y.new_empty((len(feats), *y.shape[1:]))
         out.index_copy_(0, rows, y)
     return out
+
 
 class _RowChunks(torch.autograd.Function):
     @staticmethod
@@ -95,6 +102,7 @@ class _RowChunks(torch.autograd.Function):
                 feats_grad.index_copy_(0, rows, got.pop(0))
             param_grads = [g if a is None else a if g is None else a.add_(g) for a, g in zip(param_grads, got)]
         return (None, None, feats_grad, *param_grads)
+
 
 def checkpoint_row_chunks(fn, feats: torch.Tensor, chunks: list, params: list[nn.Parameter]) -> torch.Tensor:
     """Rows of `fn` over disjoint chunks: out[rows] = fn(feats[rows], arg) for each (rows, arg) in chunks.

@@ -179,9 +179,9 @@ class SparseTransformer(nn.Module):
         second level over the blocks' own checkpointing: the backward pass keeps one `[N, C]` input per run instead
         of one per checkpointed block (12 blocks in runs of 4: 4 + 4 held at most instead of 12), at the cost of
         one more forward of the blocks. Same result (the recomputation is the same computation).
-    block_offload: the runs' inputs wait in host memory for the backward (`recompute.host_checkpoint`; with block_group >= 1,
-        1 = every block its own run): the device then holds one run's inputs at a time, for one device -> host and
-        one host -> device copy of `[N, C]` a run. Same result.
+    block_offload: the runs' inputs wait in host memory for the backward (`recompute.host_checkpoint`; needs
+        block_group >= 1, 1 = every block its own run): the device then holds one run's inputs at a time, for one
+        device -> host and one host -> device copy of `[N, C]` a run. Same result.
     """
 
     def __init__(
@@ -236,13 +236,13 @@ class SparseTransformer(nn.Module):
         if self.pos_embedder is not None:
             h = h + self.pos_embedder(x.coords[:, 1:])
         n, g = len(self.blocks), self.block_group
-        if self.block_offload and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (self.block_offload or 1 < g < n):
             for start in range(0, n, g):
-                params = [p for b in self.blocks[start:start + g] for p in b.parameters()]
-                h = host_checkpoint(lambda f, s=start: self._run_blocks(f, x, s, s + g), h, params)
-        elif 1 < g < n and torch.is_grad_enabled():
-            for start in range(0, n, g):
-                h = checkpoint(self._run_blocks, h, x, start, start + g, use_reentrant=False)
+                if self.block_offload:
+                    params = [p for b in self.blocks[start:start + g] for p in b.parameters()]
+                    h = host_checkpoint(lambda f, s=start: self._run_blocks(f, x, s, s + g), h, params)
+                else:
+                    h = checkpoint(self._run_blocks, h, x, start, start + g, use_reentrant=False)
         else:
             h = self._run_blocks(h, x, 0, n)
         return x.replace(self.out_layer(self.out_norm(h)))
