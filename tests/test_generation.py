@@ -24,8 +24,8 @@ from focusing.train.checkpoint import export_weights, save_checkpoint
 from focusing.train.config import from_dict, load_yaml, to_dict
 from focusing.train.experiment import load_experiment
 from focusing.train.generation import (
-    ConditionConfig, LatentFlowObjective, StructureFlowObjective, StructureLossConfig, StructureVAEObjective,
-    condition_images,
+    ConditionConfig, ConditionViews, LatentFlowObjective, StructureFlowObjective, StructureLossConfig,
+    StructureVAEObjective, condition_cameras, condition_images, mesh_seed, render_condition,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +169,37 @@ def test_condition_images_are_normal_renders(batch):
     again = condition_images(batch["vertices"], batch["faces"], ConditionConfig(image_size=32),
                              torch.Generator().manual_seed(0))
     assert torch.equal(images, again)
+
+
+def test_fixed_condition_views_are_a_meshs_own_renders(batch, monkeypatch):
+    """views = V: each item's image is one of its mesh's V views, which are the fresh renders of the cameras seeded
+    by the mesh id (one batched render call a mesh, at its first use only); another instance (a resumed run,
+    another rank) holds the same views; views = 0 is the fresh random view of `condition_images`."""
+    import focusing.train.generation as generation
+
+    cfg = ConditionConfig(image_size=32, views=4)
+    calls = []
+    render = generation.render_views
+    monkeypatch.setattr(generation, "render_views", lambda *a: calls.append(len(a[2].view)) or render(*a))
+    views = ConditionViews(cfg)
+    g = torch.Generator().manual_seed(5)
+    drawn = [views(batch, g) for _ in range(6)]
+    assert calls == [4, 4, 4] and set(views.cache) == set(batch["ids"])
+    for b, mesh_id in enumerate(batch["ids"]):
+        kept = views.cache[mesh_id]
+        assert kept.dtype == torch.uint8 and kept.shape == (4, 3, 32, 32) and not torch.equal(kept[0], kept[1])
+        cams = condition_cameras(4, cfg, torch.Generator().manual_seed(mesh_seed(mesh_id)))
+        for k, cam in enumerate(cams):
+            assert torch.equal(kept[k].float() / 255, render_condition(batch["vertices"][b], batch["faces"][b], cam))
+        assert len({int((kept.float() / 255 == d[b]).all((1, 2, 3)).nonzero()) for d in drawn}) > 1
+    del calls[:]
+    other = ConditionViews(cfg)
+    assert torch.equal(other(batch, torch.Generator().manual_seed(5)), drawn[0]) and calls == [4, 4, 4]
+    fresh = ConditionViews(ConditionConfig(image_size=32))(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(fresh, condition_images(batch["vertices"], batch["faces"], ConditionConfig(image_size=32),
+                                               torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="views"):
+        ConditionConfig(views=-1)
 
 
 # ---- each model learns on a few shapes --------------------------------------------------------------------------

@@ -39,16 +39,26 @@ from focusing.train.objective import StepResult
 
 @dataclass
 class ConditionConfig:
-    """Condition images of the training meshes: one random view per item (the paper renders 518^2)."""
+    """Condition images of the training meshes: one random view per item (the paper renders 518^2).
+
+    views: 0 renders a fresh random view of every item at every step; V > 0 renders V random views of each mesh
+    once, at its first use (cameras seeded by the mesh id, `mesh_seed`), keeps them as uint8 on the batch's
+    device (3 S^2 bytes a view: V = 64 at S = 256 is 12.6 MB a mesh) and draws one of them per item and step,
+    as TRELLIS trains on 150 pre-rendered views an object. The images are the same as fresh renders from those
+    cameras; what changes is that a step renders nothing once every mesh has been seen.
+    """
 
     image_size: int = 518
     radius: tuple[float, float] = (2.0, 2.0)  # camera distance, uniform in [min, max]
     fov_deg: tuple[float, float] = (40.0, 40.0)  # vertical field of view, uniform in [min, max]
+    views: int = 0  # fixed views a mesh (rendered once and kept); 0: a fresh random view at every step
 
     def __post_init__(self):
         self.radius, self.fov_deg = tuple(self.radius), tuple(self.fov_deg)
         if not 8 <= self.image_size <= 518:
             raise ValueError(f"condition image_size must be in [8, 518], got {self.image_size}")
+        if self.views < 0:
+            raise ValueError(f"condition views must be >= 0, got {self.views}")
 
 
 @dataclass
@@ -74,22 +84,60 @@ def condition_cameras(n: int, cfg: ConditionConfig, generator: torch.Generator) 
     return cams
 
 
-def render_condition(vertices: torch.Tensor, faces: torch.Tensor, camera) -> torch.Tensor:
-    """The shaded normal map `[3, S, S]` in [0, 1] of a mesh (`[V, 3]`, `[F, 3]`) seen by a one-view `camera`:
-    `normal_to_rgb` of the render, white background (what `focusing generate` expects)."""
+def render_views(vertices: torch.Tensor, faces: torch.Tensor, camera) -> torch.Tensor:
+    """The shaded normal maps `[B, 3, S, S]` (uint8) of a mesh (`[V, 3]`, `[F, 3]`) seen by a `camera` of B
+    views: `normal_to_rgb` of the render, white background (what `focusing generate` expects)."""
     from focusing.render import render_mesh
     from focusing.render.images import normal_to_rgb
 
     with torch.no_grad():
         r = render_mesh(vertices.float(), faces, camera)
-    rgb = torch.from_numpy(normal_to_rgb(r.normal[0], r.mask[0])).to(vertices.device)
-    return rgb.permute(2, 0, 1).float() / 255.0
+    rgb = [torch.from_numpy(normal_to_rgb(n, m)) for n, m in zip(r.normal, r.mask)]
+    return torch.stack(rgb).permute(0, 3, 1, 2).to(vertices.device)
+
+
+def render_condition(vertices: torch.Tensor, faces: torch.Tensor, camera) -> torch.Tensor:
+    """The shaded normal map `[3, S, S]` in [0, 1] of a mesh seen by a one-view `camera` (`render_views`)."""
+    return render_views(vertices, faces, camera)[0].float() / 255.0
 
 
 def condition_images(vertices: list, faces: list, cfg: ConditionConfig, generator: torch.Generator) -> torch.Tensor:
     """Condition images `[B, 3, S, S]` of the meshes (float `[V, 3]`, int64 `[F, 3]`), one random view each."""
     cams = condition_cameras(len(vertices), cfg, generator)
     return torch.stack([render_condition(v, f, cam) for v, f, cam in zip(vertices, faces, cams)])
+
+
+class ConditionViews:
+    """The condition images of a batch (`ConditionConfig.views`): fresh random views, or one of each mesh's
+    fixed views, rendered at the mesh's first use and kept (`cache`: mesh id -> uint8 `[V, 3, S, S]`). The
+    fixed views depend on the mesh id alone: the same on every rank and after a resume."""
+
+    def __init__(self, cfg: ConditionConfig):
+        self.cfg = cfg
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """`[B, 3, S, S]` in [0, 1] for the batch's meshes (`ids`, `vertices`, `faces`)."""
+        if not self.cfg.views:
+            return condition_images(batch["vertices"], batch["faces"], self.cfg, generator)
+        pick = torch.randint(0, self.cfg.views, (len(batch["ids"]),), generator=generator,
+                             device=generator.device).tolist()
+        images = []
+        for mesh_id, vertices, faces, view in zip(batch["ids"], batch["vertices"], batch["faces"], pick):
+            if mesh_id not in self.cache:
+                self.cache[mesh_id] = self.fixed_views(mesh_id, vertices, faces)
+            images.append(self.cache[mesh_id][view])
+        return torch.stack(images).float() / 255.0
+
+    def fixed_views(self, mesh_id: str, vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """uint8 `[V, 3, S, S]`: the mesh's V views from cameras drawn with a generator seeded by its id, in one
+        render call."""
+        from focusing.render import Camera
+
+        cams = condition_cameras(self.cfg.views, self.cfg, torch.Generator().manual_seed(mesh_seed(mesh_id)))
+        camera = Camera(torch.cat([c.view for c in cams]), torch.cat([c.proj for c in cams]),
+                        self.cfg.image_size, self.cfg.image_size)
+        return render_views(vertices, faces, camera)
 
 
 def _structure(batch: dict) -> torch.Tensor:
@@ -138,7 +186,7 @@ class StructureFlowObjective(nn.Module):
 
     def __init__(self, flow: FlowConfig, condition: ConditionConfig, structure_vae: StructureVAE):
         super().__init__()
-        self.flow, self.condition = flow, condition
+        self.flow, self.condition = flow, ConditionViews(condition)
         self.vae = structure_vae.requires_grad_(False).eval()
 
     def forward(self, model: StructureFlow, batch: dict, *, step: int, generator=None, want_images=False):
@@ -147,7 +195,7 @@ class StructureFlowObjective(nn.Module):
             x0 = self.vae.encode(_structure(batch)).mean.float()
             model.calibrate(x0.transpose(0, 1).flatten(1).T)
         x0 = model.normalize(x0, 1)
-        images = condition_images(batch["vertices"], batch["faces"], self.condition, generator)
+        images = self.condition(batch, generator)
         loss, logs = flow_loss(model, x0, model.encode_condition(images), self.flow, generator)
         return StepResult(loss, logs, _image(images) if want_images else None)
 
@@ -167,7 +215,7 @@ class LatentFlowObjective(nn.Module):
     def __init__(self, flow: FlowConfig, condition: ConditionConfig, shape_vae: nn.Module,
                  cache_points: int | None = None):
         super().__init__()
-        self.flow, self.condition = flow, condition
+        self.flow, self.condition = flow, ConditionViews(condition)
         self.vae = shape_vae.requires_grad_(False).eval()
         self.cache_points = cache_points
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mesh id -> (coords [n, 3], mean [n, C])
@@ -176,7 +224,7 @@ class LatentFlowObjective(nn.Module):
         z = self.latents(batch)
         with torch.no_grad():
             model.calibrate(z.feats)
-        images = condition_images(batch["vertices"], batch["faces"], self.condition, generator)
+        images = self.condition(batch, generator)
 
         def predict(feats, t, cond):
             return model(z.replace(feats), t, cond).feats
