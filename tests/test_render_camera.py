@@ -111,3 +111,12 @@ def test_camera_batch_project_and_zoom():
     assert torch.allclose(ndc_z[..., 0], (2 * ndc[..., 0] - 0.1) / 0.5, atol=1e-5)
     c64 = cam.to(dtype=torch.float64)
     assert c64.view.dtype == torch.float64 and isinstance(c64, Camera)
+
+
+def test_camera_cat_joins_views_of_one_image_size():
+    cam = random_cameras(5, resolution=(30, 40), generator=torch.Generator().manual_seed(3))
+    joined = Camera.cat([cam[0], cam[1:4], cam[4]])
+    assert torch.equal(joined.view, cam.view) and torch.equal(joined.proj, cam.proj)
+    assert (joined.height, joined.width) == (30, 40)
+    with pytest.raises(ValueError, match="image sizes"):
+        Camera.cat([cam[0], random_cameras(1, resolution=32)])

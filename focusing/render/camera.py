@@ -71,6 +71,15 @@ class Camera:
             index = slice(index, index + 1 if index != -1 else None)
         return Camera(self.view[index], self.proj[index], self.height, self.width)
 
+    @staticmethod
+    def cat(cameras: list[Camera]) -> Camera:
+        """The views of `cameras` (one image size) as one batch, in order."""
+        sizes = {(c.height, c.width) for c in cameras}
+        if len(sizes) != 1:
+            raise ValueError(f"cameras of different image sizes cannot form one batch: {sorted(sizes)}")
+        (height, width), = sizes
+        return Camera(torch.cat([c.view for c in cameras]), torch.cat([c.proj for c in cameras]), height, width)
+
     @property
     def device(self) -> torch.device:
         return self.view.device

@@ -135,9 +135,7 @@ class ConditionViews:
         from focusing.render import Camera
 
         cams = condition_cameras(self.cfg.views, self.cfg, torch.Generator().manual_seed(mesh_seed(mesh_id)))
-        camera = Camera(torch.cat([c.view for c in cams]), torch.cat([c.proj for c in cams]),
-                        self.cfg.image_size, self.cfg.image_size)
-        return render_views(vertices, faces, camera)
+        return render_views(vertices, faces, Camera.cat(cams))
 
 
 def _structure(batch: dict) -> torch.Tensor:

@@ -89,7 +89,7 @@ class VAEObjective:
                            resolution=v.image_size, near=v.near, far=v.far, generator=generator, device=device)
             for _ in range(n)
         ]
-        return Camera(torch.cat([c.view for c in cams]), torch.cat([c.proj for c in cams]), v.image_size, v.image_size)
+        return Camera.cat(cams)
 
     def __call__(self, model: FocusingVAE, batch: dict, *, step: int, generator: torch.Generator | None = None,
                  want_images: bool = False) -> StepResult:
