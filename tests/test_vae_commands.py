@@ -1,6 +1,8 @@
 """End to end on the CPU with a freshly initialised tiny model: `focusing train` (real builders, one step) ->
 `focusing export` -> `reconstruct` / `encode` / `decode`, the `vae` benchmark method, and one-line errors."""
 
+import json
+
 import pytest
 
 from focusing.cli import main
@@ -64,7 +66,7 @@ def test_one_line_errors(weights, data_dir, tmp_path, capsys, argv, fragment):
     assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
 
 
-def test_resume_of_a_real_run_repeats_the_losses(tmp_path, data_dir):
+def test_resume_of_a_real_run_repeats_the_losses(tmp_path, data_dir, capsys):
     """The real objective and data source under `--resume`: a run stopped after 2 steps and resumed gives the
     same losses as one run of 4 (cameras, zoom draws, posterior noise and samples all restored)."""
     from focusing.train.logs import read_metrics
@@ -75,7 +77,23 @@ def test_resume_of_a_real_run_repeats_the_losses(tmp_path, data_dir):
               "--set", "train.image_every=0", "--set", "train.checkpoint_every=0", "--set", "views.image_size=48"]
     assert main(["train", *common, "--out", str(tmp_path / "a"), "--set", "train.steps=4"]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "b"), "--set", "train.steps=2"]) == 0
+    _as_written_before(tmp_path / "b", "block_chunk", "block_group")  # options added after the run began
     assert main(["train", *common, "--out", str(tmp_path / "b"), "--set", "train.steps=4", "--resume"]) == 0
     a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    # an option the checkpoint predates reads as its default: set to anything else, the resume is refused
+    _as_written_before(tmp_path / "b", "block_group")
+    assert main(["train", *common, "--out", str(tmp_path / "b"), "--set", "train.steps=5", "--resume",
+                 "--set", "model.block_group=2"]) != 0
+    err = capsys.readouterr().err
+    assert "cannot resume, the model config differs at 'block_group' (checkpoint 0, now 2)" in err
+
+
+def _as_written_before(run, *keys):
+    """Drop model-config keys from a run's checkpoint.json, as a version before those options wrote it."""
+    path = run / "checkpoint" / "checkpoint.json"
+    data = json.loads(path.read_text())
+    for key in keys:
+        del data["meta"]["model_config"][key]
+    path.write_text(json.dumps(data))

@@ -40,6 +40,24 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def with_defaults(stored: Any, config: Any) -> Any:
+    """`stored` (the plain config an earlier version wrote) with every field of the dataclass `config` it lacks set
+    to that field's declared default, nested dataclasses alike. Options are added with the old behaviour as their
+    default, so a key a checkpoint predates reads as that default: an older run resumes unless the option is now
+    set to something else. Fields without a default stay absent."""
+    if not (dataclasses.is_dataclass(config) and isinstance(stored, dict)):
+        return stored
+    filled = dict(stored)
+    for f in dataclasses.fields(config):
+        if f.name in filled:
+            filled[f.name] = with_defaults(filled[f.name], getattr(config, f.name))
+        elif f.default is not dataclasses.MISSING:
+            filled[f.name] = to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            filled[f.name] = to_dict(f.default_factory())
+    return filled
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """The top-level mapping of a YAML file (an empty file is {}); a missing or malformed file -> InputError."""
     try:

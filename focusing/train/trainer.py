@@ -29,7 +29,7 @@ from focusing.train.checkpoint import (
     CHECKPOINT_JSON, first_difference, load_checkpoint, load_state_dict_strict, pack_state, save_checkpoint,
     unpack_state,
 )
-from focusing.train.config import TrainConfig, to_dict
+from focusing.train.config import TrainConfig, to_dict, with_defaults
 from focusing.train.distributed import Distributed, any_rank, average_gradients, broadcast_module, gather_json
 from focusing.train.logs import MetricsLog
 from focusing.train.rng import rank_seed, rng_state, seed_everything, set_rng_state
@@ -318,6 +318,7 @@ class Trainer:
             return
         ignored = ("log_every", "image_every", "checkpoint_every", "checkpoint_shard_mb", "max_nonfinite")
         now = {k: v for k, v in to_dict(self.cfg).items() if k not in ignored}
+        saved = with_defaults(saved, self.cfg)
         difference = first_difference({k: v for k, v in saved.items() if k not in ignored}, now)
         if difference is not None:
             key, was, new = difference
@@ -330,7 +331,7 @@ class Trainer:
         where = self.ckpt_dir / CHECKPOINT_JSON
         config = getattr(self.model, "config", None)
         if config is not None and meta.get("model_config") is not None:
-            difference = first_difference(meta["model_config"], to_dict(config))
+            difference = first_difference(with_defaults(meta["model_config"], config), to_dict(config))
             if difference is not None:
                 raise FocusingError(f"{where}: cannot resume, the model config differs at {difference[0]!r} "
                                     f"(checkpoint {difference[1]!r}, now {difference[2]!r})")
