@@ -265,7 +265,8 @@ def summarize(rows: list[dict], not_run: dict[str, int]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="generator folder (structure-vae/, ..., shape-vae/)")
+    p.add_argument("--checkpoint", help="generator folder (structure-vae/, ..., shape-vae/; default: the shipped "
+                                        "checkpoints/focusing-gen)")
     p.add_argument("--train", required=True, help="the training meshes (packed corpus or folder)")
     p.add_argument("--train-count", type=int, default=32)
     p.add_argument("--heldout", default=None, help="held-out meshes (packed corpus or folder)")
