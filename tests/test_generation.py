@@ -272,6 +272,26 @@ def test_latent_cache_needs_fixed_poses(tmp_path):
     assert cfg.cache_latents is False
 
 
+def test_generator_batches_carry_points_only_where_read(shapes):
+    """The structure models and the cached latent flow read only voxels: their batches carry no surface samples
+    (the latent flow's 200K a mesh were ~45% of a batch's build) and otherwise the same batch, sample for sample;
+    without the cache the latent flow gets its data.points."""
+    from focusing.data.online import make_source
+
+    def first_batch(name, *overrides):
+        cfg = load_experiment(ROOT / "configs" / f"gen-{name}-tiny.yaml", [f"data.source={shapes}", *overrides])
+        return cfg, cfg.build_source(64, 0, 1, "cpu").next_batch()
+
+    for name in ("structure-vae", "structure-flow", "latent-flow"):
+        cfg, batch = first_batch(name)
+        assert batch["points"].shape == (0, 3) and batch["normals"].shape == (0, 3)
+        full = make_source(shapes, resolution=64, points=500, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                           reuse=cfg.data.reuse, latent_only=True).next_batch()
+        assert batch["ids"] == full["ids"] and torch.equal(batch["voxels_latent"], full["voxels_latent"])
+    cfg, batch = first_batch("latent-flow", "cache_latents=false")
+    assert len(batch["points"]) == cfg.data.points * cfg.train.batch_size
+
+
 def from_dict_flow():
     from focusing.flow import FlowConfig
 

@@ -322,8 +322,8 @@ class OnlineSource:
 
         if resolution < 4 or resolution % 4:
             raise FocusingError(f"resolution must be a positive multiple of 4, got {resolution}")
-        if min(points, batch_size, reuse, world_size) < 1 or not 0 <= rank < world_size:
-            raise FocusingError(f"need points, batch size, reuse >= 1 and 0 <= rank < world size, got {points}, "
+        if points < 0 or min(batch_size, reuse, world_size) < 1 or not 0 <= rank < world_size:
+            raise FocusingError(f"need points >= 0, batch size, reuse >= 1 and 0 <= rank < world size, got {points}, "
                                 f"{batch_size}, {reuse}, rank {rank} of {world_size}")
         self.collection = collection
         self.resolution, self.points, self.batch_size, self.reuse = resolution, points, batch_size, reuse
@@ -545,7 +545,7 @@ def make_source(spec, *, resolution: int, points: int, batch_size: int, rank: in
     (`focusing.data.holdout`). `prefetch`: batches built ahead in a background thread (default 2 on CUDA,
     0 = build in `next_batch`, the default on the CPU). `tsdf_truncation`: batches also carry the corner TSDF
     of the R-level voxels (`corners` [M, 4], `tsdf` [M]) for the warm-up. `latent_only`: batches without the
-    voxels at R/2 and R (`build_sample`)."""
+    voxels at R/2 and R (`build_sample`). `points` 0: no surface samples, for models that read only voxels."""
     from focusing.data.corpus import is_packed_corpus
 
     path = Path(spec)

@@ -264,10 +264,14 @@ def mesh_seed(mesh_id: str) -> int:
     return int.from_bytes(hashlib.sha256(mesh_id.encode()).digest()[:8], "little") >> 1
 
 
-def _source(data: DataConfig, train: TrainConfig, resolution: int, rank: int, world_size: int, device):
+def _source(data: DataConfig, train: TrainConfig, resolution: int, rank: int, world_size: int, device,
+            points: int = 0):
+    """The batches of a generator model: the latent grid's voxels of each mesh (and `points` surface samples, which
+    only the latent flow without a latent cache reads). Each sample is keyed by its stream position, so the
+    number of points changes nothing else in a batch."""
     from focusing.data.online import make_source
 
-    return make_source(data.source, resolution=resolution, points=data.points, batch_size=train.batch_size,
+    return make_source(data.source, resolution=resolution, points=points, batch_size=train.batch_size,
                        rank=rank, world_size=world_size, seed=train.seed, device=device, augment=data.augment,
                        reuse=data.reuse, exclude=data.exclude, latent_only=True)  # no model here looks finer
 
@@ -345,7 +349,8 @@ class LatentFlowExperiment:
                                    cache_points=self.data.points if self.cache_latents else None)
 
     def build_source(self, resolution, rank, world_size, device, start_step=0):
-        return _source(self.data, self.train, resolution, rank, world_size, device)
+        return _source(self.data, self.train, resolution, rank, world_size, device,
+                       points=0 if self.cache_latents else self.data.points)  # the cache samples its own
 
 
 def _required(path: str, key: str) -> str:
