@@ -6,7 +6,8 @@
     out = decode_latent(model, latent)                         # Mesh in the input's units
 
 A mesh is normalised into [-0.5, 0.5]^3 (the `Normalization` travels with the latent, so the decoded mesh comes
-back in the input's units), sampled into oriented points (819,200 by default, the anchors' count) and voxelised
+back in the input's units), off the voxel planes (`off_grid`: longest side `GRID_FILL`, shifted by `GRID_SHIFT`),
+sampled into oriented points (819,200 by default, the anchors' count) and voxelised
 exactly at R / 4; the encoder's posterior mean is the latent. Nothing is carved at inference: the decoder
 transformer runs on the whole latent, then the upsamplers (pruning by their occupancy logits) and the
 SparseFlex head run tile by tile (`decode_tiled`): cubes of `tile` latent voxels with a halo of `HALO` latent
@@ -38,7 +39,7 @@ import torch
 from focusing.data.sampling import DEFAULT_POINTS
 from focusing.errors import FocusingError, InputError
 from focusing.io.atomic import atomic_path
-from focusing.io.mesh import Mesh, Normalization, normalize
+from focusing.io.mesh import Mesh, Normalization
 from focusing.models.upsample import KEEP_LOGIT
 from focusing.models.vae import LATENT_FACTOR, DecoderOutput, FocusingVAE, VAEConfig
 from focusing.sparse.lookup import dilate_within, find_voxels, occupancy
@@ -48,6 +49,8 @@ from focusing.sparseflex import closure
 HALO = 2  # latent voxels around a tile's core (>= the 1.5-voxel reach of the upsamplers, see the docstring)
 DEFAULT_TILE = 64  # latent voxels per tile side (256 output voxels)
 CANDIDATE_LOGIT = -2.0  # hole closing may add back a pruned child whose occupancy logit exceeds this (p > 0.12)
+GRID_FILL = 0.99  # longest side of the normalised mesh the encoder sees (`off_grid`)
+GRID_SHIFT = 0.00117  # and its shift along each axis: 0.30 / 0.60 / 1.20 / 1.80 / 2.40 voxels at R = 256 ... 2048
 LATENT_KEY = "focusing_latent"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "focusing-s"
 """The shipped checkpoint folder of a source checkout / editable install (used when no checkpoint is given)."""
@@ -93,6 +96,17 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def off_grid(norm: Normalization) -> Normalization:
+    """`norm` with the longest side at `GRID_FILL` and the centre shifted by `GRID_SHIFT` (normalised units).
+
+    Plain normalisation puts an axis-aligned face on the bounding box (CAD: nearly always) exactly on a voxel
+    plane, and training (random rotations) never shows that case: focusing-S after its 512 stage lost such faces
+    (featuretype_block's, idler_riser's base; recall 0.95 / 0.98 -> 1.00 off the planes, docs/TRAINING.md run 7).
+    """
+    scale = norm.scale * GRID_FILL
+    return Normalization(tuple(c - GRID_SHIFT / scale for c in norm.center), scale)
+
+
 def encode_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *, points: int = DEFAULT_POINTS,
                 seed: int = 0, path: str | os.PathLike = "<mesh>") -> Latent:
     """Encode `mesh` (any units) for output resolution R (multiple of 4; default the model's) -> `Latent`."""
@@ -103,7 +117,8 @@ def encode_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *
     if resolution < LATENT_FACTOR or resolution % LATENT_FACTOR:
         raise InputError(path, f"resolution must be a positive multiple of {LATENT_FACTOR}, got {resolution}")
     device = _device_of(model)
-    normed, norm = normalize(mesh, path)
+    norm = off_grid(Normalization.of(mesh, path))
+    normed = mesh.transformed(norm.apply)
     samples = sample_surface(normed, points, seed=seed)
     latent_res = resolution // LATENT_FACTOR
     coords = with_batch(voxelize(normed, latent_res, device=device))
@@ -286,5 +301,5 @@ def load_latent(path: str | os.PathLike) -> Latent:
 
 __all__ = [
     "Latent", "decode_latent", "decode_tiled", "default_checkpoint", "encode_mesh", "load_latent", "load_vae",
-    "reconstruct_mesh", "save_latent",
+    "off_grid", "reconstruct_mesh", "save_latent",
 ]
