@@ -242,7 +242,7 @@ def _candidates_under(model: FocusingVAE, h: SparseTensor, level: _Level, found:
 @torch.no_grad()
 def decode_latent(model: FocusingVAE, latent: Latent, *, tile: int | None = DEFAULT_TILE,
                   keep_logit: float = KEEP_LOGIT, close_holes: bool = True, normalized: bool = False) -> Mesh:
-    """The mesh of `latent` at R = 4 x its grid, in the input's units (or the normalised frame)."""
+    """The mesh of `latent` at R = 4 x its grid, in the input's units (or the frame the latent lives in)."""
     channels = latent.z.feats.shape[1]
     if channels != model.config.latent_channels:
         raise FocusingError(f"the latent has {channels} channels, the checkpoint's decoder takes "
@@ -261,10 +261,11 @@ def decode_latent(model: FocusingVAE, latent: Latent, *, tile: int | None = DEFA
 def reconstruct_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *, points: int = DEFAULT_POINTS,
                      seed: int = 0, tile: int | None = DEFAULT_TILE, keep_logit: float = KEEP_LOGIT,
                      close_holes: bool = True, normalized: bool = False, path: str | os.PathLike = "<mesh>") -> Mesh:
-    """Encode then decode `mesh` at R (the VAE's reconstruction), in the input's units unless `normalized`."""
+    """Encode then decode `mesh` at R (the VAE's reconstruction), in the input's units, or with `normalized` in
+    the input's normalised frame (`focusing.io.normalize`, not the encoder's `off_grid` one)."""
     latent = encode_mesh(model, mesh, resolution, points=points, seed=seed, path=path)
-    return decode_latent(model, latent, tile=tile, keep_logit=keep_logit, close_holes=close_holes,
-                         normalized=normalized)
+    out = decode_latent(model, latent, tile=tile, keep_logit=keep_logit, close_holes=close_holes)
+    return out.transformed(Normalization.of(mesh, path).apply) if normalized else out
 
 
 def save_latent(latent: Latent, path: str | os.PathLike) -> None:

@@ -7,7 +7,8 @@ from sparse_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from focusing.data.sampling import sample_surface
 from focusing.data.voxelize import voxel_pyramid, with_batch
-from focusing.inference import Latent, decode_latent, decode_tiled, encode_mesh, load_latent, off_grid, save_latent
+from focusing.inference import (Latent, decode_latent, decode_tiled, encode_mesh, load_latent, off_grid,
+                                reconstruct_mesh, save_latent)
 from focusing.io import load_mesh, normalize
 from focusing.io.mesh import Normalization
 from focusing.models.vae import FocusingVAE, VAEConfig
@@ -221,6 +222,10 @@ def test_the_encoder_sees_bounding_box_faces_off_the_voxel_planes(data_dir):
     plain = Normalization.of(raw)
     latent = encode_mesh(_model().eval(), raw, 32, points=20_000)
     assert latent.normalization == off_grid(plain)
+    model = _model().eval()
+    units = reconstruct_mesh(model, raw, 32, points=20_000, tile=4)
+    normed = reconstruct_mesh(model, raw, 32, points=20_000, tile=4, normalized=True)
+    assert np.allclose(normed.vertices, plain.apply(units.vertices))  # `normalized`: the plain frame
     assert np.abs(latent.normalization.apply(raw.vertices)).max() < 0.5
     for resolution in (64, 128, 256, 512, 1024, 1536, 2048):
         assert (_box_face_offsets(plain, raw, resolution) < 1e-6).sum() > 100
