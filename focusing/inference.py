@@ -95,7 +95,6 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def off_grid(norm: Normalization) -> Normalization:
     """`norm` with the longest side at `GRID_FILL` and the centre shifted by `GRID_SHIFT` (normalised units).
 
@@ -107,6 +106,7 @@ def off_grid(norm: Normalization) -> Normalization:
     return Normalization(tuple(c - GRID_SHIFT / scale for c in norm.center), scale)
 
 
+@torch.no_grad()
 def encode_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *, points: int = DEFAULT_POINTS,
                 seed: int = 0, path: str | os.PathLike = "<mesh>") -> Latent:
     """Encode `mesh` (any units) for output resolution R (multiple of 4; default the model's) -> `Latent`."""

@@ -220,9 +220,9 @@ def test_the_encoder_sees_bounding_box_faces_off_the_voxel_planes(data_dir):
     here) at each R from 64 to 2048, keeps the mesh inside the cube and travels with the latent."""
     raw = load_mesh(data_dir / "featuretype_block.ply")
     plain = Normalization.of(raw)
-    latent = encode_mesh(_model().eval(), raw, 32, points=20_000)
-    assert latent.normalization == off_grid(plain)
     model = _model().eval()
+    latent = encode_mesh(model, raw, 32, points=20_000)
+    assert latent.normalization == off_grid(plain)
     units = reconstruct_mesh(model, raw, 32, points=20_000, tile=4)
     normed = reconstruct_mesh(model, raw, 32, points=20_000, tile=4, normalized=True)
     assert np.allclose(normed.vertices, plain.apply(units.vertices))  # `normalized`: the plain frame
