@@ -34,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from focusing.device import use_torch_compile  # noqa: E402
 from focusing.io import write_text_atomic  # noqa: E402
-from focusing.render import Camera, look_at, mesh_topology, perspective, render_mesh, use_torch_compile  # noqa: E402
+from focusing.render import Camera, look_at, mesh_topology, perspective, render_mesh  # noqa: E402
 from focusing.render.antialias import blend_silhouettes, find_silhouette_crossings  # noqa: E402
 from focusing.render.interpolate import interpolate  # noqa: E402
 from focusing.render.raster import clip_space, rasterize  # noqa: E402

@@ -19,7 +19,9 @@ same result up to float rounding): config (the YAML's), none, pointnet (only the
 `--pointnet-chunk` points, recomputed), blocks (each transformer block recomputed in the backward pass), all
 (blocks recomputed in chunks of whole windows of `--block-chunk` voxels, the PointNet in chunks of whole voxels
 of `--pointnet-chunk` points, and with `--block-group G` runs of G blocks checkpointed as one more level: less
-memory for one more forward of the blocks; `--offload` keeps those runs' inputs in host memory).
+memory for one more forward of the blocks; `--offload` keeps those runs' inputs in host memory). `--compile`
+fuses the per-element math of the blocks, the PointNet and the renderer with torch.compile
+(`focusing.device.use_torch_compile`, as `train.compile`; the same math, the warm-up compiles).
 
 Per case: latent voxels encoded and decoded, voxels at R/2 and R, predicted triangles rendered (medians over the
 steps), peak CUDA memory (`torch.cuda.max_memory_allocated`, reset after the warm-up), median forward+backward
@@ -64,6 +66,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from focusing import losses  # noqa: E402
 from focusing.data.online import build_sample, collate  # noqa: E402
 from focusing.data.sampling import DEFAULT_POINTS  # noqa: E402
+from focusing.device import use_torch_compile  # noqa: E402
 from focusing.io import load_mesh, normalize, write_text_atomic  # noqa: E402
 from focusing.models import vae as vae_module  # noqa: E402
 from focusing.models.vae import FocusingVAE, count_parameters  # noqa: E402
@@ -462,6 +465,12 @@ def run_case(model, objective, batch, device, **kwargs) -> dict:
     return {"status": "oom", "error": message, "peak_gib": peak}
 
 
+def _label(row: dict) -> str:
+    """A row's config as the tables name it: "B (all) compiled"."""
+    return (row["config"] + ("" if row["checkpointing"] == "config" else f" ({row['checkpointing']})")
+            + (" compiled" if row.get("compiled") else ""))
+
+
 # ---------------------------------------------------------------------------------------------- ratios
 def add_ratios(rows: list[dict]) -> None:
     """Per row: `vs_frustum` and `vs_same_view` (zoomed modes against frustum+zoom) ratios of the counts, peak
@@ -519,8 +528,7 @@ def train_table(rows: list[dict]) -> str:
             "ms fwd+bwd", "decoded / frustum", "peak / frustum", "ms / frustum", "zoomed")
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---|" + "---:|" * (len(head) - 4)]
     for r in rows:
-        cells = [r["config"] + ("" if r["checkpointing"] == "config" else f" ({r['checkpointing']})"), r["mesh"],
-                 str(r["resolution"]), r["mode"]]
+        cells = [_label(r), r["mesh"], str(r["resolution"]), r["mode"]]
         if r["status"] != "ok":
             cells += [r["status"].upper()] + [""] * 4 + [_fmt(r.get("peak_gib"), ".1f")] + [""] * 5
         else:
@@ -541,7 +549,7 @@ def phase_table(rows: list[dict]) -> str:
         p = r["phases_ms"]
         forward = sum(v for k, v in p.items() if k != "backward")
         share = (p["encoder"] + p["decoder"]) / forward if forward else math.nan
-        cells = [r["config"], r["mesh"], str(r["resolution"]), r["mode"]] + [f"{p[k]:.1f}" for k in PHASES]
+        cells = [_label(r), r["mesh"], str(r["resolution"]), r["mode"]] + [f"{p[k]:.1f}" for k in PHASES]
         lines.append("| " + " | ".join(cells + [f"{share:.0%}"]) + " |")
     return "\n".join(lines)
 
@@ -660,6 +668,9 @@ def parse_args(argv):
     ap.add_argument("--offload", action="store_true",
                     help="with 'all' and --block-group: the runs' inputs wait in pinned host memory for the backward "
                     "(VAEConfig.block_offload)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the hot spots' per-element math (focusing.device.use_torch_compile, as "
+                         "train.compile)")
     ap.add_argument("--meshes", type=Path, default=None, help="folder of the shared meshes (default: found)")
     ap.add_argument("--names", default=",".join(MESHES), help="comma-separated mesh names")
     ap.add_argument("--resolutions", default="256,512,1024,2048", help="training R ('' = no training cases)")
@@ -723,6 +734,8 @@ def main(argv=None) -> dict:
         return results
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        use_torch_compile()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     machine = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
@@ -788,7 +801,7 @@ def main(argv=None) -> dict:
                         batch, build_s = batches[key]
                         for mode in modes:
                             row = {"config": config_name, "checkpointing": ckpt, "mesh": name, "resolution": R,
-                                   "mode": mode, "points": points, "batch_build_s": build_s}
+                                   "mode": mode, "points": points, "batch_build_s": build_s, "compiled": args.compile}
                             if out_of_time():
                                 row.update(status="not run", error="--max-minutes reached")
                             else:

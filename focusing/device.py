@@ -1,4 +1,4 @@
-"""The torch device a user names: "auto" (or None) means CUDA when it is available, else the CPU."""
+"""The torch device a user names ("auto" or None: CUDA when it is available, else the CPU), and compiled code."""
 
 from __future__ import annotations
 
@@ -10,3 +10,28 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+_COMPILE: dict | None = None  # torch.compile options while `use_torch_compile` is on
+_COMPILED: dict = {}
+
+
+def use_torch_compile(enabled: bool = True, **options) -> None:
+    """Fuse the per-element math of the hot spots with `torch.compile`, forward and backward: the transformer
+    blocks' LayerNorms, casts, biases, GELU and residual adds around the attention kernel, the PointNet's per-point
+    blocks and poolings, the renderer's per-pixel interpolation and silhouette blending. The same math in fewer
+    passes over memory; each function compiles on its first call (tens of seconds). Shapes are dynamic, so inputs
+    of any size reuse the compiled code. `options` go to `torch.compile` (train.compile turns this on)."""
+    global _COMPILE
+    _COMPILE = {"dynamic": True, **options} if enabled else None
+
+
+def fused(fn):
+    """`fn` compiled with the options of `use_torch_compile` while it is on (built once per options and kept),
+    else `fn` itself."""
+    if _COMPILE is None:
+        return fn
+    key = (fn, tuple(sorted(_COMPILE.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, **_COMPILE)
+    return _COMPILED[key]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from focusing.device import fused
 from focusing.sparse.lookup import find_voxels
 
 _REDUCE = {"mean": "mean", "max": "amax"}
@@ -95,8 +96,9 @@ class LocalPointNet(nn.Module):
         voxel = voxel[inside]
         offset = 2.0 * ((points[inside] + 0.5) * resolution - (ijk[inside] + 0.5))
         net = torch.cat([offset, normals[inside]], dim=1) if self.use_normals else offset
+        features = fused(self._voxel_features)
         if self.chunk_points <= 0 or len(voxel) <= self.chunk_points:
-            return self._voxel_features(net, voxel, len(coords))
+            return features(net, voxel, len(coords))
         order = torch.argsort(voxel, stable=True)
         voxel, net = voxel[order], net[order]
         ends = torch.bincount(voxel, minlength=len(coords)).cumsum(0)  # [N] points up to and including voxel i
@@ -107,8 +109,7 @@ class LocalPointNet(nn.Module):
         for hi, stop in zip(his, stops):  # chunk: voxels [lo, hi) and their points [start, stop)
             args = (net[start:stop], voxel[start:stop] - lo, hi - lo)
             grad = torch.is_grad_enabled() and (net.requires_grad or any(p.requires_grad for p in self.parameters()))
-            parts.append(checkpoint(self._voxel_features, *args, use_reentrant=False) if grad
-                         else self._voxel_features(*args))
+            parts.append(checkpoint(features, *args, use_reentrant=False) if grad else features(*args))
             lo, start = hi, stop
         return torch.cat(parts)
 

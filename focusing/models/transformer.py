@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from focusing.device import fused
 from focusing.models.recompute import checkpoint_row_chunks, host_checkpoint
 from focusing.sparse.attention import (
     WindowPartition,
@@ -101,16 +102,31 @@ class SparseWindowAttention(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         part = window_partition(x, self.window_size, self.shift)
         h = pack(x.feats.to(_autocast_dtype(x.feats)), part)  # [T, C] in window order
-        return x.replace(unpack(self.attend_packed(h, part), part))
+        return x.replace(unpack(self.to_out(self.attend_qkv(self.to_qkv(h), part)), part))
 
-    def attend_packed(self, h: torch.Tensor, part: WindowPartition) -> torch.Tensor:
-        """Packed features `[T, C]` (window order of `part`) -> attention + output projection `[T, C]`, same order."""
-        qkv = self.to_qkv(h).view(len(h), 3, self.num_heads, self.channels // self.num_heads)
-        q, k, v = qkv.unbind(1)
+    def attend_qkv(self, qkv: torch.Tensor, part: WindowPartition) -> torch.Tensor:
+        """Packed projections `[T, 3C]` (q, k, v; window order of `part`) -> attention `[T, C]` (before to_out)."""
+        q, k, v = qkv.view(len(qkv), 3, self.num_heads, self.channels // self.num_heads).unbind(1)
         if self.q_norm is not None:
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        out = packed_window_attention(q, k, v, part, self.backend).reshape(len(h), self.channels)
-        return self.to_out(out)
+        return packed_window_attention(q, k, v, part, self.backend).reshape(len(qkv), self.channels)
+
+
+def attention_input(rows: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
+                    qkv_bias: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """A block's first per-voxel part: LayerNorm, cast to the matmul dtype, qkv projection; `[T, C]` -> `[T, 3C]`."""
+    h = F.layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps).to(dtype)
+    return F.linear(h, qkv_weight, qkv_bias)
+
+
+def attention_output_and_mlp(rows: torch.Tensor, attended: torch.Tensor, out_weight: torch.Tensor,
+                             out_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                             fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                             fc2_bias: torch.Tensor) -> torch.Tensor:
+    """A block's second per-voxel part: rows + to_out(attended), then + mlp(norm2(...)); `[T, C]` x2 -> `[T, C]`."""
+    rows = rows + F.linear(attended, out_weight, out_bias)
+    h = F.layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
+    return rows + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate="tanh"), fc2_weight, fc2_bias)
 
 
 class SparseTransformerBlock(nn.Module):
@@ -151,13 +167,17 @@ class SparseTransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
 
     def _forward(self, feats: torch.Tensor, x: SparseTensor) -> torch.Tensor:
-        feats = feats + self.attn(x.replace(self.norm1(feats))).feats
-        return feats + self.mlp(self.norm2(feats))
+        part = window_partition(x, self.attn.window_size, self.attn.shift)
+        return unpack(self._chunk(pack(feats, part), part), part)
 
     def _chunk(self, rows: torch.Tensor, part: WindowPartition) -> torch.Tensor:
         """The block on packed rows `[T, C]` that hold whole windows (`part`: their own partition)."""
-        rows = rows + self.attn.attend_packed(self.norm1(rows).to(_autocast_dtype(rows)), part)
-        return rows + self.mlp(self.norm2(rows))
+        attn, mlp = self.attn, self.mlp
+        qkv = fused(attention_input)(rows, self.norm1.weight, self.norm1.bias, attn.to_qkv.weight,
+                                           attn.to_qkv.bias, self.norm1.eps, _autocast_dtype(rows))
+        return fused(attention_output_and_mlp)(
+            rows, attn.attend_qkv(qkv, part), attn.to_out.weight, attn.to_out.bias, self.norm2.weight,
+            self.norm2.bias, self.norm2.eps, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         part = window_partition(x, self.attn.window_size, self.attn.shift)  # cached outside the checkpointed code

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from focusing.device import fused
+
 Tensor = torch.Tensor
 
 EDGE_EPS = 1.0 / 16.0
@@ -241,10 +243,6 @@ def crossing_alpha(ends: Tensor, mvp: Tensor, front: Tensor, other: Tensor, heig
     return torch.where(front < other, 0.5 - c, c - 0.5)
 
 
-CROSSING_ALPHA = crossing_alpha
-"""The function `blend_silhouettes` calls; `focusing.render.use_torch_compile` swaps in a compiled version."""
-
-
 def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: Tensor, mvp: Tensor) -> Tensor:
     """Blend `image` [B, H, W, C] across the silhouette `crossings` (module docstring); differentiable w.r.t.
     `image` and `vertices` [V, 3]. mvp [B, 4, 4]: the cameras' world -> clip matrices."""
@@ -253,7 +251,7 @@ def blend_silhouettes(image: Tensor, crossings: SilhouetteCrossings, vertices: T
         return image
     front, p0, p1 = crossings.front, crossings.p0, crossings.p1
     ends = vertices.index_select(0, torch.stack([crossings.edge_a, crossings.edge_b], 1).view(-1)).view(-1, 2, 3)
-    alpha = CROSSING_ALPHA(ends, mvp, front, p0 + p1 - front, height, width)
+    alpha = fused(crossing_alpha)(ends, mvp, front, p0 + p1 - front, height, width)
     flat = image.reshape(-1, channels)
     delta = alpha[:, None] * (flat.index_select(0, p1) - flat.index_select(0, p0))
     return flat.index_add(0, torch.where(alpha > 0, p0, p1), delta).view(n_cam, height, width, channels)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from focusing.device import fused
 from focusing.render.camera import Camera
 
 Tensor = torch.Tensor
@@ -80,10 +81,6 @@ def fragment_values(corners: Tensor, pix: Tensor, view: Tensor, proj: Tensor, he
     return torch.cat([depth[:, None], normal, torch.ones_like(depth)[:, None]], dim=1)
 
 
-FRAGMENT_VALUES = fragment_values
-"""The function `interpolate` calls; `focusing.render.use_torch_compile` swaps in a compiled version."""
-
-
 def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor) -> Tensor:
     """Differentiable G-buffer of a rasterised view.
 
@@ -95,6 +92,6 @@ def interpolate(vertices: Tensor, faces: Tensor, camera: Camera, tri_id: Tensor)
     pix = torch.nonzero(flat >= 0).squeeze(1)
     ids = faces.index_select(0, flat.index_select(0, pix)).view(-1)
     corners = vertices.index_select(0, ids).view(-1, 3, 3)               # [P, 3, 3] (backward: index_add)
-    values = FRAGMENT_VALUES(corners, pix, camera.view, camera.proj, height, width)
+    values = fused(fragment_values)(corners, pix, camera.view, camera.proj, height, width)
     out = vertices.new_zeros(n_cam * height * width, 5).index_put((pix,), values)
     return out.view(n_cam, height, width, 5)

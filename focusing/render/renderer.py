@@ -62,27 +62,3 @@ def _render(vertices: Tensor, faces: Tensor, camera: Camera, antialias: bool, ba
         image = antialias_image(image, tri_id, vertices, faces, mvp, topology=topology, clip=clip, backend=backend)
     return RenderOutput(image[..., 0], image[..., 1:4], image[..., 4], tri_id)
 
-
-_COMPILED: dict = {}
-
-
-def use_torch_compile(enabled: bool = True, **options) -> None:
-    """Fuse the differentiable per-pixel math (interpolation, silhouette blending) with `torch.compile`.
-
-    Fewer, larger kernels on CUDA (forward and backward); the first render compiles (tens of seconds). Shapes
-    are marked dynamic, so meshes and images of any size reuse the compiled code. `options` go to
-    `torch.compile` (the compiled functions are built once per set of options and kept).
-    """
-    from focusing.render import antialias
-    from focusing.render import interpolate as interp
-
-    if not enabled:
-        interp.FRAGMENT_VALUES = interp.fragment_values
-        antialias.CROSSING_ALPHA = antialias.crossing_alpha
-        return
-    options.setdefault("dynamic", True)
-    key = tuple(sorted(options.items()))
-    if key not in _COMPILED:
-        _COMPILED[key] = (torch.compile(interp.fragment_values, **options),
-                          torch.compile(antialias.crossing_alpha, **options))
-    interp.FRAGMENT_VALUES, antialias.CROSSING_ALPHA = _COMPILED[key]

@@ -277,6 +277,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # decay of the exponential moving average of the weights (0 = no EMA)
     ema_start: int = 0  # before this step the EMA just copies the weights
     amp: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (fp16 adds a grad scaler); CPU runs fp32
+    compile: bool = False  # torch.compile the hot spots' per-element math (focusing.device.use_torch_compile)
     log_every: int = 10  # steps between scalar records (means over the interval)
     image_every: int = 1000  # steps between PNG grids of the objective's images (0 = never)
     checkpoint_every: int = 1000  # steps between checkpoints (0 = only at the end and at the time limit)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from focusing.device import use_torch_compile
 from focusing.errors import FocusingError
 from focusing.train.checkpoint import (
     CHECKPOINT_JSON, first_difference, load_checkpoint, load_state_dict_strict, pack_state, save_checkpoint,
@@ -81,6 +82,8 @@ class Trainer:
         if not self.params:
             raise FocusingError("the model has no trainable parameters")
         cuda = self.device.type == "cuda"
+        if cfg.compile:  # the same math in fewer kernels; the first step compiles
+            use_torch_compile()
         self.amp_dtype = _AMP[cfg.amp] if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
