@@ -85,7 +85,9 @@ def sparse_tv(values: torch.Tensor, neighbors: torch.Tensor, eps: float = 1e-12)
     if len(values) == 0:
         return values.sum()
     present = neighbors >= 0
-    diff = torch.where(present, values[neighbors.clamp(min=0)] - values[:, None], torch.zeros_like(values[:, None]))
+    # index_select: its backward is an index_add (advanced indexing's sorts the ~3M indices at 1024^3: 40 ms)
+    ahead = values.index_select(0, neighbors.clamp(min=0).reshape(-1)).view(neighbors.shape)
+    diff = torch.where(present, ahead - values[:, None], torch.zeros_like(values[:, None]))
     return torch.sqrt(diff.square().sum(1) + eps).mean()
 
 
