@@ -52,7 +52,7 @@ def pool_to_voxels(feats: torch.Tensor, voxel: torch.Tensor, num_voxels: int, re
     """`[N, C]` per-voxel `reduce` ("mean" or "max") of point features `[P, C]` with voxel index `[P]`; 0 if empty.
 
     Half-precision features are reduced in float32 and the result cast back (the max is the same; CUDA's atomics
-    on 16-bit values share 32-bit words between neighbouring channels and serialise:)."""
+    on 16-bit values share 32-bit words between neighbouring channels and serialise)."""
     wide = feats.float() if feats.element_size() < 4 else feats
     out = wide.new_zeros(num_voxels, feats.shape[1])
     index = voxel[:, None].expand(-1, feats.shape[1])
