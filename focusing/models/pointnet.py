@@ -49,14 +49,10 @@ class ResnetBlockFC(nn.Module):
 
 
 def pool_to_voxels(feats: torch.Tensor, voxel: torch.Tensor, num_voxels: int, reduce: str) -> torch.Tensor:
-    """`[N, C]` per-voxel `reduce` ("mean" or "max") of point features `[P, C]` with voxel index `[P]`; 0 if empty.
-
-    Half-precision features are reduced in float32 and the result cast back (the max is the same; CUDA's atomics
-    on 16-bit values share 32-bit words between neighbouring channels and serialise)."""
-    wide = feats.float() if feats.element_size() < 4 else feats
-    out = wide.new_zeros(num_voxels, feats.shape[1])
+    """`[N, C]` per-voxel `reduce` ("mean" or "max") of point features `[P, C]` with voxel index `[P]`; 0 if empty."""
+    out = feats.new_zeros(num_voxels, feats.shape[1])
     index = voxel[:, None].expand(-1, feats.shape[1])
-    return out.scatter_reduce(0, index, wide, _REDUCE[reduce], include_self=False).to(feats.dtype)
+    return out.scatter_reduce(0, index, feats, _REDUCE[reduce], include_self=False)
 
 
 class LocalPointNet(nn.Module):
