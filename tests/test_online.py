@@ -148,6 +148,30 @@ def test_latent_only_batches_hold_the_pyramids_latent_level_alone(corpus):
         _source(corpus, latent_only=True, tsdf_truncation=3.0)
 
 
+def test_samples_of_the_mesh_alone_are_built_once_and_batches_do_not_change(corpus, monkeypatch):
+    """Without augmentation and points (the generators' latent voxels), a sample depends on its mesh alone: the
+    source builds each mesh once (counted: `build_sample` calls over three epochs) and its batches are those of a
+    source that builds every sample anew (the same ids, voxels, meshes), with prefetching too."""
+    import focusing.data.online as online
+
+    options = dict(resolution=64, augment=None, points=0, latent_only=True)
+    fresh = _source(corpus, **options)
+    fresh.fixed_samples = False  # the reference: every sample built at its draw
+    reference = [fresh.next_batch() for _ in range(3 * len(SMALL) // 2)]
+    calls = []
+    build = online.build_sample
+    monkeypatch.setattr(online, "build_sample", lambda *a, **k: calls.append(1) or build(*a, **k))
+    for prefetch in (0, 2):
+        calls.clear()
+        kept = _source(corpus, prefetch=prefetch, **options)
+        assert kept.fixed_samples
+        for expected in reference:
+            assert _same(kept.next_batch(), expected)
+        kept.close()
+        assert len(calls) == len(SMALL)
+    assert not _source(corpus, resolution=64, augment=None).fixed_samples  # with points: drawn per key
+
+
 def test_ranks_are_disjoint_and_cover_each_epoch(corpus):
     world, per_epoch = 3, len(SMALL)
     seen = []
@@ -163,8 +187,8 @@ def test_ranks_are_disjoint_and_cover_each_epoch(corpus):
 
 
 def _same(a: dict, b: dict) -> bool:
-    return a["ids"] == b["ids"] and all(
-        torch.equal(x, y) for k in BATCH_KEYS - {"ids", "resolution"}
+    return a["ids"] == b["ids"] and set(a) == set(b) and all(
+        torch.equal(x, y) for k in set(a) - {"ids", "resolution"}
         for x, y in (zip(a[k], b[k]) if isinstance(a[k], list) else [(a[k], b[k])])
     )
 

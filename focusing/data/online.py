@@ -53,6 +53,8 @@ from focusing.io.mesh import Mesh, normalize
 STATE_VERSION = 1
 FIXED_TARGETS = 64
 """Meshes whose fixed-pose corner TSDF an `OnlineSource` keeps (see `OnlineSource._fixed_targets`)."""
+FIXED_SAMPLE_BYTES = 2**30
+"""Bytes of built samples an `OnlineSource` keeps when they depend on the mesh alone (`OnlineSource._fixed_sample`)."""
 
 
 def sample_surface_torch(
@@ -335,6 +337,10 @@ class OnlineSource:
             raise FocusingError("the corner TSDF needs the R-level voxels: latent_only excludes tsdf_truncation")
         self.latent_only = latent_only
         self._targets: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        # no augmentation, no points: a sample is a function of its mesh alone (exact voxels), so it is kept
+        self.fixed_samples = augment is None and points == 0 and tsdf_truncation is None
+        self._samples: collections.OrderedDict[int, tuple[dict, int]] = collections.OrderedDict()
+        self._samples_lock = threading.Lock()
         self.held = exclude if isinstance(exclude, HeldOut) else HeldOut.from_paths(exclude)
         self.usable = []
         for i in range(len(collection)):
@@ -381,7 +387,7 @@ class OnlineSource:
             if index in self._bad:
                 continue
             try:
-                mesh = None if self.use_stored else self.collection.mesh(index)
+                mesh = None if self.use_stored or self._kept(index) is not None else self.collection.mesh(index)
                 reason = self.held.reason(mesh=mesh) if mesh is not None and self.held.shapes else None
                 if reason is None:
                     return index, mesh
@@ -399,6 +405,8 @@ class OnlineSource:
             key = (self.seed, g)
             if self.use_stored:
                 sample = self.collection.stored(index, self.points, self.device, key)
+            elif self.fixed_samples:
+                sample = self._fixed_sample(index, mesh, key)
             else:  # an augmented mesh gets its own corner TSDF; a fixed pose's comes from `_fixed_targets`
                 sample = build_sample(mesh, resolution=self.resolution, points=self.points, device=self.device,
                                       augment=self.augment, key=key, latent_only=self.latent_only,
@@ -408,6 +416,31 @@ class OnlineSource:
             samples.append(sample)
             ids.append(self.collection.ids[index])
         return collate(samples, ids, self.resolution)
+
+    def _kept(self, index: int) -> dict | None:
+        """The kept sample of mesh `index` (`fixed_samples`), or None."""
+        with self._samples_lock:
+            if index not in self._samples:
+                return None
+            self._samples.move_to_end(index)
+            return self._samples[index][0]
+
+    def _fixed_sample(self, index: int, mesh: Mesh | None, key) -> dict:
+        """The sample of mesh `index` when it depends on the mesh alone (`fixed_samples`: the generators' latent
+        voxels): built once and kept, up to FIXED_SAMPLE_BYTES (least recently used first out). Batches do not
+        change; the exact voxelisation of each mesh (on the host) then runs once instead of at every draw."""
+        sample = self._kept(index)
+        if sample is not None:
+            return sample
+        mesh = self.collection.mesh(index) if mesh is None else mesh  # let go since `_mesh_at` found it kept
+        sample = build_sample(mesh, resolution=self.resolution, points=0, device=self.device, augment=None, key=key,
+                              latent_only=self.latent_only)
+        size = sum(t.numel() * t.element_size() for t in sample.values())
+        with self._samples_lock:
+            self._samples[index] = (sample, size)
+            while sum(n for _, n in self._samples.values()) > FIXED_SAMPLE_BYTES and len(self._samples) > 1:
+                self._samples.popitem(last=False)
+        return sample
 
     def _fixed_targets(self, index: int, mesh: Mesh, voxels: torch.Tensor) -> dict:
         """Corner TSDF of mesh `index` in its fixed pose (no augmentation): the same at every use, so the last
