@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--resolution", type=int, default=512, help="latent grid the points fall in")
     ap.add_argument("--per-voxel", type=float, default=12.0, help="mean points per occupied voxel")
     ap.add_argument("--channels", type=int, nargs=2, default=(1024, 256), metavar=("OUT", "HIDDEN"))
-    ap.add_argument("--chunk", type=int, default=65_536, help="points per checkpointed chunk (0: none)")
+    ap.add_argument("--chunk", type=int, default=262_144, help="points per checkpointed chunk (0: none)")
     ap.add_argument("--variants", default="eager,compiled")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)

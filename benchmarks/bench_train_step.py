@@ -93,7 +93,7 @@ MODULE_PHASES = {"pointnet": "pointnet", "encoder": "encoder", "decoder": "decod
                  "head": "head"}
 CHECKPOINTING = ("config", "none", "pointnet", "blocks", "all")
 MIN_STEPS = 3  # measured steps a case keeps when --case-seconds cuts it short
-POINTNET_CHUNK = 65_536  # default points per checkpointed PointNet chunk of --checkpointing all
+POINTNET_CHUNK = 262_144  # default points per checkpointed PointNet chunk of --checkpointing all
 BLOCK_CHUNK = 131_072  # voxels per block chunk of --checkpointing all: B recomputes ~5.5 GiB (41.7 GiB per 1M)
 
 

@@ -146,10 +146,23 @@ def test_pointnet_is_invariant_to_point_order(pool, local_pool):
 
 
 def test_pool_to_voxels():
-    feats = torch.tensor([[1.0, -2.0], [3.0, 4.0], [5.0, 6.0]])
-    voxel = torch.tensor([0, 0, 2])
-    assert torch.equal(pool_to_voxels(feats, voxel, 3, "mean"), torch.tensor([[2.0, 1.0], [0, 0], [5.0, 6.0]]))
-    assert torch.equal(pool_to_voxels(feats, voxel, 3, "max"), torch.tensor([[3.0, 4.0], [0, 0], [5.0, 6.0]]))
+    feats = torch.tensor([[1.0, -2.0], [3.0, 4.0], [5.0, 6.0]])  # sorted by voxel: 0, 0, 2
+    lengths = torch.tensor([2, 0, 1])
+    assert torch.equal(pool_to_voxels(feats, lengths, "mean"), torch.tensor([[2.0, 1.0], [0, 0], [5.0, 6.0]]))
+    assert torch.equal(pool_to_voxels(feats, lengths, "max"), torch.tensor([[3.0, 4.0], [0, 0], [5.0, 6.0]]))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_pool_to_voxels_matches_a_scatter_and_its_gradient_is_exact(reduce):
+    g = torch.Generator().manual_seed(0)
+    voxel = torch.sort(torch.randint(0, 9, (40,), generator=g)).values  # some of the 9 voxels stay empty
+    lengths = torch.bincount(voxel, minlength=9)
+    feats = torch.randn(40, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    scatter = feats.new_zeros(9, 3).scatter_reduce(0, voxel[:, None].expand(-1, 3), feats,
+                                                   {"mean": "mean", "max": "amax"}[reduce], include_self=False)
+    torch.testing.assert_close(pool_to_voxels(feats, lengths, reduce), scatter, rtol=1e-14, atol=0)
+    assert (lengths == 0).any()
+    assert torch.autograd.gradcheck(lambda f: pool_to_voxels(f, lengths, reduce), (feats,))
 
 
 def test_pointnet_input_is_offset_to_voxel_centre_and_normal():
