@@ -72,14 +72,20 @@ def condition_view(mesh, cfg, seed: int) -> tuple[torch.Tensor, object]:
     return image, cam
 
 
-def training_structures(gen, spec: str, count: int, seed: int) -> list[tuple[str, SparseTensor]]:
-    """(name, the shape VAE's latent `[N, C]` on its voxels at the structure grid) of the first `count` meshes of
-    `spec`: what the generator was trained to give back."""
+def true_latent(gen, mesh, seed: int) -> SparseTensor:
+    """The shape VAE's latent `[N, C]` of a normalised mesh on its voxels at the structure grid, in the frame the
+    generator trains in (the plain normalisation, not `encode_mesh`'s default off-grid one)."""
     from focusing.inference import encode_mesh
+    from focusing.io.mesh import Normalization
 
-    collection = _collection(spec)
     grid = gen.structure_vae.config.resolution
-    return [(collection.names[i], encode_mesh(gen.shape_vae, collection.mesh(i), 4 * grid, seed=seed).z)
+    return encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed, frame=Normalization.of(mesh)).z
+
+
+def training_structures(gen, spec: str, count: int, seed: int) -> list[tuple[str, SparseTensor]]:
+    """(name, `true_latent`) of the first `count` meshes of `spec`: what the generator was trained to give back."""
+    collection = _collection(spec)
+    return [(collection.names[i], true_latent(gen, collection.mesh(i), seed))
             for i in range(min(count, len(collection)))]
 
 
@@ -218,7 +224,6 @@ def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, 
     from focusing.errors import FocusingError
     from focusing.eval.metrics import surface_metrics
     from focusing.image_to_3d import decode, generate_latent
-    from focusing.inference import encode_mesh
     from focusing.models.structure_vae import occupancy_grid, occupied_coords
 
     def fscore(z) -> float:
@@ -230,7 +235,7 @@ def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, 
     svae = gen.structure_vae
     grid = svae.config.resolution
     if truth is None:
-        truth = encode_mesh(gen.shape_vae, mesh, 4 * grid, seed=seed).z
+        truth = true_latent(gen, mesh, seed)
     true_coords = truth.coords.to(coords.device)
     true_latent = svae.encode(occupancy_grid(true_coords, 1, grid)).mean
     rebuilt = occupied_coords(svae.decode(true_latent))

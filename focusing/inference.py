@@ -108,8 +108,10 @@ def off_grid(norm: Normalization) -> Normalization:
 
 @torch.no_grad()
 def encode_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *, points: int = DEFAULT_POINTS,
-                seed: int = 0, path: str | os.PathLike = "<mesh>") -> Latent:
-    """Encode `mesh` (any units) for output resolution R (multiple of 4; default the model's) -> `Latent`."""
+                seed: int = 0, path: str | os.PathLike = "<mesh>", frame: Normalization | None = None) -> Latent:
+    """Encode `mesh` (any units) for output resolution R (multiple of 4; default the model's) -> `Latent`.
+    `frame`: the normalisation to encode in (default: `off_grid` of the mesh's own; the generator's models train
+    on the plain `Normalization.of(mesh)`, so their evaluation encodes in that)."""
     from focusing.data.sampling import sample_surface
     from focusing.data.voxelize import voxelize, with_batch
 
@@ -117,7 +119,7 @@ def encode_mesh(model: FocusingVAE, mesh: Mesh, resolution: int | None = None, *
     if resolution < LATENT_FACTOR or resolution % LATENT_FACTOR:
         raise InputError(path, f"resolution must be a positive multiple of {LATENT_FACTOR}, got {resolution}")
     device = _device_of(model)
-    norm = off_grid(Normalization.of(mesh, path))
+    norm = frame if frame is not None else off_grid(Normalization.of(mesh, path))
     normed = mesh.transformed(norm.apply)
     samples = sample_surface(normed, points, seed=seed)
     latent_res = resolution // LATENT_FACTOR

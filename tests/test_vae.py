@@ -6,7 +6,7 @@ import torch
 from sparse_helpers import single_thread  # noqa: F401 (autouse fixture)
 
 from focusing.data.sampling import sample_surface
-from focusing.data.voxelize import voxel_pyramid, with_batch
+from focusing.data.voxelize import voxel_pyramid, voxelize, with_batch
 from focusing.inference import (Latent, decode_latent, decode_tiled, encode_mesh, load_latent, off_grid,
                                 reconstruct_mesh, save_latent)
 from focusing.io import load_mesh, normalize
@@ -230,6 +230,12 @@ def test_the_encoder_sees_bounding_box_faces_off_the_voxel_planes(data_dir):
     for resolution in (64, 128, 256, 512, 1024, 1536, 2048):
         assert (_box_face_offsets(plain, raw, resolution) < 1e-6).sum() > 100
         assert _box_face_offsets(latent.normalization, raw, resolution).min() > 0.015, resolution
+    # `frame`: encode in a given normalisation instead (the generator's models train in the plain one)
+    inplain = encode_mesh(model, raw, 32, points=20_000, frame=plain)
+    assert inplain.normalization == plain
+    voxels = with_batch(voxelize(raw.transformed(plain.apply), 8))
+    assert set(map(tuple, inplain.z.coords.tolist())) == set(map(tuple, voxels.tolist()))
+    assert set(map(tuple, latent.z.coords.tolist())) != set(map(tuple, voxels.tolist()))
 
 
 def test_load_latent_rejects_other_files(tmp_path):
