@@ -7,11 +7,11 @@ fully connected ResNet blocks runs per point; before each block after the first,
 the points of the voxel (`local_pool`, max by default as in ConvONet) and concatenated back to every point. The
 last features are pooled into the voxels (`pool`, mean as in TripoSF's config) after the output layer fc_c:
 `[P, 6] -> [N, C]`. Voxels without points get zeros. The points are sorted by voxel once, so every pooling is
-a segment reduction over contiguous runs of points (`torch.segment_reduce`: no atomics, unlike a scatter; on our
-CPU a third of the scatter's time for the max pooling's forward and backward). With mean pooling the hidden
-features are pooled first and fc_c runs per voxel (the mean of an affine map is the map of the mean, so the
-result is the same up to float rounding): the widest layer (TripoSF: 256 -> 1024) and its pooling then cost per
-voxel, not per point (~12 points a voxel in training).
+a segment reduction over contiguous runs of points (`torch.segment_reduce`: no atomics, unlike a scatter; B's
+PointNet fwd+bwd on an H100 92.7 instead of 137.6 ms, docs/BENCHMARKS.md; forward alone on a CPU ~7% slower).
+With mean pooling the hidden features are pooled first and fc_c runs per voxel (the mean of an affine map is
+the map of the mean, so the result is the same up to float rounding): the widest layer (TripoSF: 256 -> 1024)
+and its pooling then cost per voxel, not per point (~12 points a voxel in training).
 
 Everything is local to a voxel, so the points can be processed in chunks of whole voxels with the same result
 (`chunk_points`): each chunk is checkpointed when gradients are on, so training keeps only the chunk inputs
