@@ -237,13 +237,13 @@ def stage_scores(gen, mesh, image: torch.Tensor, coords: torch.Tensor, sampler, 
     if truth is None:
         truth = true_latent(gen, mesh, seed)
     true_coords = truth.coords.to(coords.device)
-    true_latent = svae.encode(occupancy_grid(true_coords, 1, grid)).mean
-    rebuilt = occupied_coords(svae.decode(true_latent))
+    structure_latent = svae.encode(occupancy_grid(true_coords, 1, grid)).mean
+    rebuilt = occupied_coords(svae.decode(structure_latent))
     generator = torch.Generator(device=coords.device).manual_seed(seed)
     on_truth = generate_latent(gen, image, true_coords, generator, sampler)
     sflow, lflow = gen.structure_flow, gen.latent_flow
     image = image[None].to(coords.device)
-    structure = sflow.normalize(true_latent.float(), 1)
+    structure = sflow.normalize(structure_latent.float(), 1)
     rows = truth.replace(lflow.normalize(truth.feats.float(), 1))
     return {"structure_iou": _iou(coords, true_coords, grid), "structure_vae_iou": _iou(rebuilt, true_coords, grid),
             "latent_flow_fscore": fscore(on_truth), "shape_vae_fscore": fscore(truth),
