@@ -102,7 +102,8 @@ class LocalPointNet(nn.Module):
         net = torch.cat([offset, normals[inside]], dim=1) if self.use_normals else offset
         order = torch.argsort(voxel, stable=True)  # points sorted by voxel: pooling reduces contiguous runs
         voxel, net = voxel[order], net[order]
-        counts = torch.bincount(voxel, minlength=len(coords))  # [N] points per voxel
+        counts = torch.zeros(len(coords), dtype=voxel.dtype, device=voxel.device).index_add_(
+            0, voxel, torch.ones_like(voxel))  # [N] points per voxel (a bincount would sync with the host)
         features = fused(self._voxel_features)
         if self.chunk_points <= 0 or len(voxel) <= self.chunk_points:
             return features(net, voxel, counts)
