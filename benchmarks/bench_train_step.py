@@ -416,11 +416,15 @@ def summarise(rows: list[dict]) -> dict:
         "carved": med(r["logs"]["voxels/n_carve"] for r in rows) if "voxels/n_carve" in logs else None,
         "zoomed_steps": sum(int(r["logs"].get("voxels/zoomed_items", 0) > 0) for r in rows),
     }
+    ms = med(r["ms"] for r in rows)
     return {
         **counts,
-        "ms": med(r["ms"] for r in rows),
+        "ms": ms,
         "ms_all": [r["ms"] for r in rows],
         "phases_ms": {k: med(r["phases"][k] for r in rows) for k in PHASES},
+        # steps 1.5x slower than the median (one-time compilations, allocator stalls), phase by phase
+        "slow_steps": [{"step": i, "ms": r["ms"], "phases_ms": {k: r["phases"][k] for k in PHASES}}
+                       for i, r in enumerate(rows) if r["ms"] > 1.5 * ms],
         "steps": len(rows),
         "loss_terms": sorted(k for k in logs if k.startswith("loss/")),
     }
@@ -851,6 +855,10 @@ def _print_case(row: dict) -> None:
     print(f"  {row['mesh']} R={row['resolution']} {row['mode']}: encoded {row['encoded']:,.0f}, decoded "
           f"{row['decoded']:,.0f}, R voxels {row['full']:,.0f}, {row['triangles']:,.0f} tris, {row['ms']:.0f} ms, "
           f"peak {_fmt(row['peak_gib'], '.2f')} GiB", flush=True)
+    for slow in row.get("slow_steps", []):
+        phase, ms = max(slow["phases_ms"].items(), key=lambda kv: kv[1] - row["phases_ms"][kv[0]])
+        print(f"    slow step {slow['step']}: {slow['ms']:.0f} ms, {phase} {ms:.0f} ms (median "
+              f"{row['phases_ms'][phase]:.0f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _edge(xa, ya, xb, yb, opposite_corner, entry):
     return crosses, x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_verts"])
 def _walk_kernel(tri_ptr, depth_ptr, points_ptr, faces_ptr, table_ptr, out_ptr, n_pix, n_verts, height, width,
                  hf, wf, eps, MAX_STEPS: tl.constexpr, BLOCK_: tl.constexpr):
     vertical = tl.program_id(1) == 1

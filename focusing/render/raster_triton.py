@@ -11,7 +11,9 @@ Two kernels, no host synchronisation:
 
 Triangles are visited in any order; `atomic_min` on int64 keys makes the result order-independent (up to
 floating-point contraction, which may differ from the PyTorch reference by an ulp at exact ties and edges).
-Runs on CUDA, and on CPU tensors under `TRITON_INTERPRET=1` (the tests exercise it that way).
+Runs on CUDA, and on CPU tensors under `TRITON_INTERPRET=1` (the tests exercise it that way). The sizes that
+change every step (`n_faces`, `n_verts`) are not specialised on (`do_not_specialize`): Triton would otherwise
+compile a kernel again for each new pattern of divisibility by 16 (0.6 s spikes in `render_pred` on an H100).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def _cover_key(x0, y0, z0, w0, x1, y1, z1, w1, x2, y2, z2, w2, px, py, f):
     return hit, (bits << 32) | f.to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_faces", "n_verts"])
 def _raster_small_kernel(clip_ptr, faces_ptr, keys_ptr, big_ptr, n_big_ptr, n_faces, n_verts, height, width,
                          hf, wf, eps, SMALL_: tl.constexpr, BLOCK_: tl.constexpr):
     b = tl.program_id(1)
@@ -169,7 +171,7 @@ def _raster_small_kernel(clip_ptr, faces_ptr, keys_ptr, big_ptr, n_big_ptr, n_fa
     tl.store(big_ptr + slot, b * n_faces + f, mask=big)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_faces", "n_verts"])
 def _raster_big_kernel(clip_ptr, faces_ptr, keys_ptr, big_ptr, n_big_ptr, n_faces, n_verts, height, width,
                        hf, wf, eps, TILE_: tl.constexpr):
     n_big = tl.load(n_big_ptr)

@@ -33,7 +33,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _gather_gemm_kernel(
         x_ptr, nbr_ptr, w_ptr, out_ptr, n, c_in, c_out, k3,
         BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr,
@@ -61,7 +61,7 @@ if triton is not None:
         out = out_ptr + rows[:, None].to(tl.int64) * c_out + cos[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & co_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "rows_per_prog"])
     def _wgrad_kernel(
         x_ptr, nbr_ptr, g_ptr, part_ptr, n, c_in, c_out, k3, rows_per_prog,
         BLOCK_N: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr,
