@@ -102,3 +102,27 @@ def test_cuda_backends_match_cpu_reference(shift):
         for a, b in zip(grads, ref_grads):
             assert rel_err(a.float().cpu(), b) < tol * 2, backend
     assert resolve_backend(None, leaves[0]) == "varlen"
+
+
+def test_qk_norm_is_the_rmsnorm_and_takes_the_fused_kernel_under_bf16():
+    import warnings
+
+    from focusing.models.transformer import qk_norm
+
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(7, 4, 16)
+    assert torch.equal(qk_norm(norm, x), norm(x))
+    # gradients to the input and the weight, float64
+    norm64 = torch.nn.RMSNorm(16, eps=1e-6).double()
+    x64 = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: qk_norm(norm64, a) * w.sum(), (x64, norm64.weight))
+    # a bf16 input with the fp32 weight: the fused path (no dtype-mismatch fallback), bf16 out, the same values
+    xb = x.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = qk_norm(norm, xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), norm(xb.float()), atol=2e-2, rtol=2e-2)

@@ -33,7 +33,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from focusing.models.image_encoder import ImageEncoderConfig, build_image_encoder, resize_images
-from focusing.models.transformer import AbsolutePositionEmbedder, SparseWindowAttention, WindowPositionEmbedder
+from focusing.models.transformer import (
+    AbsolutePositionEmbedder,
+    SparseWindowAttention,
+    WindowPositionEmbedder,
+    qk_norm,
+)
 from focusing.sparse.attention import window_partition
 from focusing.sparse.tensor import SparseTensor
 
@@ -115,7 +120,7 @@ class CrossAttention(nn.Module):
         q = padded.view(b, longest, self.heads, d)
         k, v = self.to_kv(context.to(q.dtype)).view(b, t, 2, self.heads, d).unbind(2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+            q, k = qk_norm(self.q_norm, q), qk_norm(self.k_norm, k)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.to_out(out.transpose(1, 2).reshape(b, longest, c)[item, row])
 

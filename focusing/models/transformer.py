@@ -108,8 +108,14 @@ class SparseWindowAttention(nn.Module):
         """Packed projections `[T, 3C]` (q, k, v; window order of `part`) -> attention `[T, C]` (before to_out)."""
         q, k, v = qkv.view(len(qkv), 3, self.num_heads, self.channels // self.num_heads).unbind(1)
         if self.q_norm is not None:
-            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+            q, k = qk_norm(self.q_norm, q), qk_norm(self.k_norm, k)
         return packed_window_attention(q, k, v, part, self.backend).reshape(len(qkv), self.channels)
+
+
+def qk_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` in x's dtype (the weight cast to it), so that under autocast the fused RMSNorm kernel runs instead
+    of the composite one that a bf16 input with an fp32 weight falls back to; `[..., D]` -> `[..., D]`."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
 def attention_input(rows: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
