@@ -472,7 +472,8 @@ def run_case(model, objective, batch, device, **kwargs) -> dict:
 def _label(row: dict) -> str:
     """A row's config as the tables name it: "B (all) compiled"."""
     return (row["config"] + ("" if row["checkpointing"] == "config" else f" ({row['checkpointing']})")
-            + (" compiled" if row.get("compiled") else ""))
+            + (" compiled" if row.get("compiled") else "")
+            + (" bf16-stream" if row.get("stream_dtype", "float32") != "float32" else ""))
 
 
 # ---------------------------------------------------------------------------------------------- ratios
@@ -672,6 +673,8 @@ def parse_args(argv):
     ap.add_argument("--offload", action="store_true",
                     help="with 'all' and --block-group: the runs' inputs wait in pinned host memory for the backward "
                     "(VAEConfig.block_offload)")
+    ap.add_argument("--stream-dtype", default=None, choices=("float32", "autocast"),
+                    help="the transformers' residual stream (VAEConfig.stream_dtype; default: the config's)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the hot spots' per-element math (focusing.device.use_torch_compile, as "
                          "train.compile)")
@@ -789,6 +792,8 @@ def main(argv=None) -> dict:
             for ckpt in args.checkpointing.split(","):
                 cfg = experiment(config_name, ckpt, args.image, args.pointnet_chunk, args.block_chunk,
                                  args.block_group, args.offload)
+                if args.stream_dtype:
+                    cfg.model.stream_dtype = args.stream_dtype
                 torch.manual_seed(args.seed)
                 model = FocusingVAE(cfg.model).to(device).train()
                 points = args.points or cfg.data.points
@@ -805,7 +810,8 @@ def main(argv=None) -> dict:
                         batch, build_s = batches[key]
                         for mode in modes:
                             row = {"config": config_name, "checkpointing": ckpt, "mesh": name, "resolution": R,
-                                   "mode": mode, "points": points, "batch_build_s": build_s, "compiled": args.compile}
+                                   "mode": mode, "points": points, "batch_build_s": build_s, "compiled": args.compile,
+                                   "stream_dtype": cfg.model.stream_dtype}
                             if out_of_time():
                                 row.update(status="not run", error="--max-minutes reached")
                             else:

@@ -29,6 +29,12 @@ from focusing.sparse.attention import (
 from focusing.sparse.tensor import SparseTensor
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 if it is a 16-bit float, else as is: LayerNorms of a 16-bit stream compute in fp32 on every device
+    (CUDA's autocast upcasts them, the CPU's does not; in bf16 their weight gradients lose ~1 digit)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype matmuls will run in: the autocast dtype when autocast is on for t's device, else t's."""
     device_type = t.device.type
@@ -69,6 +75,7 @@ class WindowPositionEmbedder(nn.Module):
 
 
 POSITION_EMBEDDINGS = ("absolute", "window", "none")
+STREAM_DTYPES = ("float32", "autocast")
 
 
 class SparseWindowAttention(nn.Module):
@@ -121,7 +128,7 @@ def qk_norm(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 def attention_input(rows: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, qkv_weight: torch.Tensor,
                     qkv_bias: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """A block's first per-voxel part: LayerNorm, cast to the matmul dtype, qkv projection; `[T, C]` -> `[T, 3C]`."""
-    h = F.layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps).to(dtype)
+    h = F.layer_norm(_at_least_fp32(rows), rows.shape[-1:], norm_weight, norm_bias, eps).to(dtype)
     return F.linear(h, qkv_weight, qkv_bias)
 
 
@@ -131,7 +138,7 @@ def attention_output_and_mlp(rows: torch.Tensor, attended: torch.Tensor, out_wei
                              fc2_bias: torch.Tensor) -> torch.Tensor:
     """A block's second per-voxel part: rows + to_out(attended), then + mlp(norm2(...)); `[T, C]` x2 -> `[T, C]`."""
     rows = rows + F.linear(attended, out_weight, out_bias)
-    h = F.layer_norm(rows, rows.shape[-1:], norm_weight, norm_bias, eps)
+    h = F.layer_norm(_at_least_fp32(rows), rows.shape[-1:], norm_weight, norm_bias, eps)
     return rows + F.linear(F.gelu(F.linear(h, fc1_weight, fc1_bias), approximate="tanh"), fc2_weight, fc2_bias)
 
 
@@ -208,6 +215,10 @@ class SparseTransformer(nn.Module):
     block_offload: the runs' inputs wait in host memory for the backward (`recompute.host_checkpoint`; needs
         block_group >= 1, 1 = every block its own run): the device then holds one run's inputs at a time, for one
         device -> host and one host -> device copy of `[N, C]` a run. Same result.
+    stream_dtype: the residual stream between the blocks. "float32": under autocast the LayerNorms' fp32 outputs
+        keep it in fp32; "autocast": cast to the autocast dtype after the position embedding (TRELLIS's fp16
+        blocks), which halves the stored block inputs and the per-voxel traffic around the matmuls but rounds the
+        stream to bf16 / fp16 (the LayerNorms still compute in fp32). Without autocast both are the same.
     """
 
     def __init__(
@@ -227,11 +238,14 @@ class SparseTransformer(nn.Module):
         block_chunk: int = 0,
         block_group: int = 0,
         block_offload: bool = False,
+        stream_dtype: str = "float32",
     ):
         super().__init__()
         if block_offload and block_group < 1:
             raise ValueError("block_offload needs block_group >= 1 (the runs whose inputs go to host memory)")
-        self.block_group, self.block_offload = block_group, block_offload
+        if stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"stream_dtype must be one of {STREAM_DTYPES}, got {stream_dtype!r}")
+        self.block_group, self.block_offload, self.stream_dtype = block_group, block_offload, stream_dtype
         if pos_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"pos_embedding must be one of {POSITION_EMBEDDINGS}, got {pos_embedding!r}")
         self.input_layer = nn.Linear(in_channels, model_channels)
@@ -261,6 +275,8 @@ class SparseTransformer(nn.Module):
         h = self.input_layer(x.feats)
         if self.pos_embedder is not None:
             h = h + self.pos_embedder(x.coords[:, 1:])
+        if self.stream_dtype == "autocast":
+            h = h.to(_autocast_dtype(h))
         n, g = len(self.blocks), self.block_group
         if torch.is_grad_enabled() and (self.block_offload or 1 < g < n):
             for start in range(0, n, g):
@@ -271,7 +287,7 @@ class SparseTransformer(nn.Module):
                     h = checkpoint(self._run_blocks, h, x, start, start + g, use_reentrant=False)
         else:
             h = self._run_blocks(h, x, 0, n)
-        return x.replace(self.out_layer(self.out_norm(h)))
+        return x.replace(self.out_layer(self.out_norm(_at_least_fp32(h))))
 
     def _run_blocks(self, feats: torch.Tensor, x: SparseTensor, start: int, stop: int) -> torch.Tensor:
         """Blocks `start:stop` on feats `[N, C]` (on x's voxels) -> `[N, C]`."""

@@ -62,6 +62,7 @@ class VAEConfig:
     block_chunk: int = 0  # voxels per checkpointed chunk of whole windows in each block (0: whole block; same result)
     block_group: int = 0  # blocks per outer checkpoint over the blocks (0: none; less memory, one more forward)
     block_offload: bool = False  # the block_group runs' inputs wait in host memory for the backward (same result)
+    stream_dtype: str = "float32"  # the residual stream between blocks: "float32" or "autocast" (bf16 under AMP)
     freeze_pointnet: bool = False  # keep the PointNet fixed (e.g. after pre-training it with the rest)
     resolution: int = 1024  # output resolution the model is trained for (the default of `reconstruct`)
 
@@ -171,7 +172,7 @@ class FocusingVAE(nn.Module):
         common = dict(
             mlp_ratio=c.mlp_ratio, window_size=c.window_size, use_checkpoint=c.use_checkpoint,
             qk_rms_norm=c.qk_rms_norm, pos_embedding=c.pos_embedding, block_chunk=c.block_chunk,
-            block_group=c.block_group, block_offload=c.block_offload,
+            block_group=c.block_group, block_offload=c.block_offload, stream_dtype=c.stream_dtype,
         )
         self.encoder = SparseTransformer(
             c.pointnet_channels, c.encoder_channels, 2 * c.latent_channels, c.encoder_blocks,
