@@ -98,18 +98,16 @@ def nearest_structure(coords: torch.Tensor, references: list[tuple[str, SparseTe
     return {"nearest_mesh": references[best][0], "nearest_iou": ious[best]}
 
 
-def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
+def run_set(gen, spec: str, count: int, args, sampler, label: str, budget: Budget,
             references: list | None = None) -> tuple[list[dict], dict, int]:
     """Rows and grid images of the first `count` meshes of `spec`, and how many were not run (budget); with
     `references` (`training_structures`), each row also names the training structure nearest to its own."""
     from focusing.eval.metrics import surface_metrics
-    from focusing.flow import SamplerConfig
     from focusing.image_to_3d import decode, sample_latent
     from focusing.train.generation import ConditionConfig, render_condition
 
     collection = _collection(spec)
     cfg = ConditionConfig(image_size=args.image_size)
-    sampler = SamplerConfig(steps=args.steps, cfg=args.cfg)
     rows, images = [], {}
     known = dict(references or [])  # a training mesh's latent, encoded once for both uses
     wanted = min(count, len(collection))
@@ -149,17 +147,16 @@ def run_set(gen, spec: str, count: int, args, label: str, budget: Budget,
     return rows, images, 0
 
 
-def identify(gen, spec: str, references: list, args) -> dict:
+def identify(gen, spec: str, references: list, args, sampler) -> dict:
     """The structure flow alone, on more views than the chain affords: for every `args.every`-th training mesh
     and `args.views` condition views (seeded 1000 + i, 1100 + i, ...: the first is `run_set`'s), generate the
     structure and score it against every training structure. -> {"rows": [...], "identified", "views",
     "mean_own_iou", "mean_nearest_iou"}."""
-    from focusing.flow import SamplerConfig
     from focusing.image_to_3d import generate_structure
     from focusing.train.generation import ConditionConfig
 
     collection, grid = _collection(spec), gen.structure_vae.config.resolution
-    cfg, sampler = ConditionConfig(image_size=args.image_size), SamplerConfig(steps=args.steps, cfg=args.cfg)
+    cfg = ConditionConfig(image_size=args.image_size)
     rows = []
     for i in range(0, len(references), args.every):
         mesh = collection.mesh(i)
@@ -278,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heldout-count", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=256, help="condition render size (the training one)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the generator's sampler)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: the generator's sampler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stages", dest="stages", action="store_false",
                    help="skip the per-stage scores (`stage_scores`: ~3 more decodes a mesh)")
@@ -295,20 +292,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     budget = Budget(args.max_minutes)
 
-    from focusing.image_to_3d import load_generator
+    from focusing.image_to_3d import load_generator, sampler_for
     from focusing.io import write_text_atomic
+    from focusing.train.config import to_dict
     from focusing.render.images import save_png
     from focusing.train.logs import image_grid
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gen = load_generator(args.checkpoint, device=args.device)
+    sampler = sampler_for(gen, steps=args.steps, cfg=args.cfg)
     sets = [("train", args.train, args.train_count)] + ([("heldout", args.heldout, args.heldout_count)]
                                                         if args.heldout else [])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     if args.identify_only:
-        result = {"device": device, "args": vars(args),
-                  **identify(gen, args.train, training_structures(gen, args.train, args.train_count, args.seed), args)}
+        result = {"device": device, "args": vars(args), "sampler": to_dict(sampler),
+                  **identify(gen, args.train, training_structures(gen, args.train, args.train_count, args.seed), args,
+                             sampler)}
         write_text_atomic(out / "identification.json", json.dumps(result, indent=1) + "\n")
         print(f"identified {result['identified']} of {result['views']} views; mean IoU with their own structure "
               f"{result['mean_own_iou']:.3f}, with the nearest {result['mean_nearest_iou']:.3f}")
@@ -316,11 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows, not_run, result = [], {}, {}
     references = training_structures(gen, args.train, args.train_count, args.seed) if args.stages else None
     for label, spec, count in sets:
-        got, images, not_run[label] = run_set(gen, spec, count, args, label, budget, references)
+        got, images, not_run[label] = run_set(gen, spec, count, args, sampler, label, budget, references)
         rows += got
         if images:
             save_png(image_grid(images, columns=8), out / f"grid-{label}.png")
-        result = {"device": device, "args": vars(args), "summary": summarize(rows, not_run), "rows": rows}
+        result = {"device": device, "args": vars(args), "sampler": to_dict(sampler),
+                  "summary": summarize(rows, not_run), "rows": rows}
         write_text_atomic(out / "generation.json", json.dumps(result, indent=1) + "\n")
     print("\n| set | meshes | mean F@0.005 | meshes with F >= 0.8 | structure IoU | structure VAE IoU "
           "| F, latent flow on the true structure | F, shape VAE | structure flow's condition gain "

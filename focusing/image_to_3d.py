@@ -9,13 +9,15 @@ A generator folder holds four weights folders (each an export of `focusing expor
 flow, sample the structure latent `[1, 8, G, G, G]` from noise (Euler, `SamplerConfig`), decode it with the
 structure VAE and keep the cells with logits > 0 (the structure: latent voxels at G = R / 4), sample the
 structured latent on those voxels, undo the flows' normalisation and decode with the shape VAE at R = 4 G.
-The noise of both stages comes from one generator seeded by `seed`, so a seed gives one mesh.
+The noise of both stages comes from one generator seeded by `seed`, so a seed gives one mesh. An optional
+`sampler.json` in the folder holds the sampler settings the generator was tuned with (`SamplerConfig` fields,
+e.g. {"cfg": 3.0}); without it the defaults (TRELLIS's) apply; a caller's sampler overrides both.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +33,7 @@ from focusing.models.vae import FocusingVAE, VAEConfig
 from focusing.sparse.tensor import SparseTensor
 
 PARTS = ("structure-vae", "structure-flow", "latent-flow", "shape-vae")
+SAMPLER_FILE = "sampler.json"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "focusing-gen"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -43,6 +46,7 @@ class Generator:
     structure_flow: StructureFlow
     latent_flow: LatentFlow
     shape_vae: FocusingVAE
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the folder's sampler.json, else the defaults
 
 
 def load_module(folder: str | os.PathLike, model_cls: type, config_cls: type,
@@ -90,10 +94,33 @@ def load_generator(folder: str | os.PathLike | None = None, device: str | torch.
     gen = Generator(load_structure_vae(folder / PARTS[0], device),
                     load_module(folder / PARTS[1], StructureFlow, StructureFlowConfig, device),
                     load_module(folder / PARTS[2], LatentFlow, LatentFlowConfig, device),
-                    load_vae(folder / PARTS[3], device))
+                    load_vae(folder / PARTS[3], device), load_sampler(folder))
     check_structure_pair(gen.structure_vae.config, gen.structure_flow.config, folder / PARTS[1])
     check_latent_pair(gen.shape_vae.config, gen.latent_flow.config, folder / PARTS[2])
     return gen
+
+
+def load_sampler(folder: str | os.PathLike) -> SamplerConfig:
+    """The sampler settings of generator `folder` (its sampler.json; the defaults without one). A file that is not
+    a JSON object of `SamplerConfig` fields raises InputError."""
+    import json
+
+    from focusing.train.config import from_dict
+
+    path = Path(folder) / SAMPLER_FILE
+    if not path.is_file():
+        return SamplerConfig()
+    try:
+        return from_dict(SamplerConfig, json.loads(path.read_text()), where=str(path))
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise InputError(path, f"not a sampler file: {str(exc).splitlines()[0]}") from None
+
+
+def sampler_for(gen: Generator, **overrides) -> SamplerConfig:
+    """The generator's sampler settings with the given fields replaced (None: keep), validated."""
+    import dataclasses
+
+    return dataclasses.replace(gen.sampler, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
@@ -163,8 +190,8 @@ def sample_latent(gen: Generator, image: torch.Tensor, *, seed: int = 0,
     """image `[3, H, W]` in [0, 1] -> the structured latent `[N, C]` on the generated structure (its coords,
     `[N, 4]` at G); both stages draw from one generator seeded by `seed`."""
     generator = torch.Generator(device=_device(gen.structure_flow)).manual_seed(seed)
-    coords = generate_structure(gen, image, generator, structure_sampler or SamplerConfig(), progress)
-    return generate_latent(gen, image, coords, generator, latent_sampler or SamplerConfig(), progress)
+    coords = generate_structure(gen, image, generator, structure_sampler or gen.sampler, progress)
+    return generate_latent(gen, image, coords, generator, latent_sampler or gen.sampler, progress)
 
 
 def decode(gen: Generator, z: SparseTensor, tile: int | None = None) -> Mesh:
@@ -187,4 +214,5 @@ def generate(gen: Generator, image: torch.Tensor, *, seed: int = 0, structure_sa
 
 
 __all__ = ["Generator", "check_latent_pair", "check_structure_pair", "decode", "generate", "generate_latent",
-           "generate_structure", "sample_latent", "load_generator", "load_image", "load_module", "load_structure_vae"]
+           "generate_structure", "sample_latent", "load_generator", "load_image", "load_module", "load_sampler",
+           "load_structure_vae", "sampler_for"]

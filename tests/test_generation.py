@@ -508,6 +508,42 @@ def test_generate_bad_checkpoint_and_output(tmp_path, capsys, condition_png):
     assert main(["generate", str(condition_png), "-o", str(tmp_path / "o.xyz"), "--quiet"]) == 2
 
 
+def test_the_generator_folders_sampler_json_sets_the_sampler_and_the_cli_overrides_it(
+        generator_folder, condition_png, tmp_path, capsys, monkeypatch):
+    """`sampler.json` in a generator folder: load_generator reads it, generate samples with it unless given a
+    sampler, `focusing generate` uses it for what the command line leaves out; a bad file is one clear line."""
+    import json
+    import shutil
+
+    import focusing.image_to_3d as image_to_3d
+
+    folder = tmp_path / "gen"
+    shutil.copytree(generator_folder, folder)
+    assert image_to_3d.load_generator(folder).sampler == SamplerConfig()  # no file: the defaults
+    (folder / "sampler.json").write_text(json.dumps({"cfg": 2.5, "steps": 2}))
+    gen = image_to_3d.load_generator(folder)
+    assert gen.sampler == SamplerConfig(cfg=2.5, steps=2)
+    assert image_to_3d.sampler_for(gen, cfg=None, steps=3) == SamplerConfig(cfg=2.5, steps=3)
+
+    used = []
+    plain = image_to_3d.euler_sample
+    monkeypatch.setattr(image_to_3d, "euler_sample", lambda *a, **k: used.append(a[3]) or plain(*a, **k))
+    image_to_3d.generate(gen, image_to_3d.load_image(condition_png), seed=0)
+    assert used == [SamplerConfig(cfg=2.5, steps=2)] * 2
+    for extra, want in (([], SamplerConfig(cfg=2.5, steps=2)), (["--cfg", "4"], SamplerConfig(cfg=4.0, steps=2))):
+        used.clear()
+        assert main(["generate", str(condition_png), "-o", str(tmp_path / "o.ply"), "--checkpoint", str(folder),
+                     "--device", "cpu", "--quiet", *extra]) == 0
+        assert used == [want] * 2
+    for bad in ("{not json", json.dumps({"cfg": 2.5, "guidance": 3}), json.dumps({"steps": 0})):
+        (folder / "sampler.json").write_text(bad)
+        assert main(["generate", str(condition_png), "-o", str(tmp_path / "p.ply"), "--checkpoint", str(folder),
+                     "--device", "cpu", "--quiet"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sampler.json" in err[0], err
+    assert not (tmp_path / "p.ply").exists()
+
+
 def test_bench_generation_budget_stops_before_a_mesh(generator_folder, tmp_path, capsys):
     bench = _script("bench_generation")
     result = bench.main(["--checkpoint", str(generator_folder), "--train", str(DATA), "--train-count", "2",

@@ -26,11 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="generator folder holding structure-vae/, structure-flow/, latent-flow/ and shape-vae/ "
                    "(weights folders of `focusing export`); default: the shipped one")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the sampling noise (default 0)")
-    p.add_argument("--steps", type=positive_int, default=25, help="Euler steps of each flow (default 25)")
-    p.add_argument("--cfg", type=finite_float, default=6.0,
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="Euler steps of each flow (default: the generator's sampler.json, else 25)")
+    p.add_argument("--cfg", type=finite_float, default=None,
                    help="classifier-free guidance weight w, v = v_uncond + w (v_cond - v_uncond); 1 = no guidance "
-                   "(default 6, TRELLIS's cfg_strength 5)")
-    p.add_argument("--rescale-t", type=finite_float, default=3.0, help="time-grid rescaling (default 3)")
+                   "(default: the generator's sampler.json, else 6, TRELLIS's cfg_strength 5; the shipped "
+                   "generator's is 3)")
+    p.add_argument("--rescale-t", type=finite_float, default=None,
+                   help="time-grid rescaling (default: the generator's sampler.json, else 3)")
     p.add_argument("--device", type=device, default="auto", help="torch device (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -42,17 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from focusing.errors import FocusingError
-    from focusing.flow import SamplerConfig
-    from focusing.image_to_3d import generate, load_generator, load_image
+    from focusing.image_to_3d import generate, load_generator, load_image, sampler_for
     from focusing.io import save_mesh
 
     image = load_image(args.image)  # before loading the models: a bad image fails at once
-    try:
-        sampler = SamplerConfig(steps=args.steps, rescale_t=args.rescale_t, cfg=args.cfg)
-    except ValueError as exc:
-        raise FocusingError(str(exc)) from None
+    if args.rescale_t is not None and args.rescale_t <= 0:
+        raise FocusingError(f"--rescale-t must be > 0, got {args.rescale_t}")
     gen = load_generator(args.checkpoint, device=args.device)
-    with tqdm(total=2 * args.steps, desc="generate", disable=args.quiet, file=sys.stderr,
+    sampler = sampler_for(gen, steps=args.steps, rescale_t=args.rescale_t, cfg=args.cfg)
+    with tqdm(total=2 * sampler.steps, desc="generate", disable=args.quiet, file=sys.stderr,
               dynamic_ncols=True) as bar:
         mesh = generate(gen, image, seed=args.seed, structure_sampler=sampler, latent_sampler=sampler,
                         progress=bar.update)
