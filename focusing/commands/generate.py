@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=finite_float, default=None,
                    help="classifier-free guidance weight w, v = v_uncond + w (v_cond - v_uncond); 1 = no guidance "
                    "(default: the generator's sampler.json, else 6, TRELLIS's cfg_strength 5; the shipped "
-                   "generator's is 3)")
+                   "generator's is 1)")
     p.add_argument("--rescale-t", type=finite_float, default=None,
                    help="time-grid rescaling (default: the generator's sampler.json, else 3)")
     p.add_argument("--device", type=device, default="auto", help="torch device (default: cuda when available)")
