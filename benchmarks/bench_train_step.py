@@ -473,6 +473,7 @@ def _label(row: dict) -> str:
     """A row's config as the tables name it: "B (all) compiled"."""
     return (row["config"] + ("" if row["checkpointing"] == "config" else f" ({row['checkpointing']})")
             + (" compiled" if row.get("compiled") else "")
+            + (f" >= {row['compile_min_rows']:,} rows" if row.get("compile_min_rows") else "")
             + (" bf16-stream" if row.get("stream_dtype", "float32") != "float32" else ""))
 
 
@@ -675,6 +676,9 @@ def parse_args(argv):
                     "(VAEConfig.block_offload)")
     ap.add_argument("--stream-dtype", default=None, choices=("float32", "autocast"),
                     help="the transformers' residual stream (VAEConfig.stream_dtype; default: the config's)")
+    ap.add_argument("--compile-min-rows", type=int, default=0,
+                    help="with --compile: transformer blocks on fewer voxels run uncompiled (use_torch_compile's "
+                    "min_rows)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the hot spots' per-element math (focusing.device.use_torch_compile, as "
                          "train.compile)")
@@ -742,7 +746,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
-        use_torch_compile()
+        use_torch_compile(min_rows=args.compile_min_rows)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     machine = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
@@ -811,6 +815,7 @@ def main(argv=None) -> dict:
                         for mode in modes:
                             row = {"config": config_name, "checkpointing": ckpt, "mesh": name, "resolution": R,
                                    "mode": mode, "points": points, "batch_build_s": build_s, "compiled": args.compile,
+                                   "compile_min_rows": args.compile_min_rows if args.compile else 0,
                                    "stream_dtype": cfg.model.stream_dtype}
                             if out_of_time():
                                 row.update(status="not run", error="--max-minutes reached")

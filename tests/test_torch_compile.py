@@ -71,6 +71,29 @@ def test_compiled_block_math_equals_the_plain_math_for_any_voxel_count(block_chu
     assert len(graphs) == first, len(graphs)
 
 
+def test_blocks_under_min_rows_run_uncompiled(plain_afterwards):
+    """`use_torch_compile(min_rows=N)`: the block functions called on fewer than N rows run plain (no graph is
+    captured for them), on N or more compiled; the values are the same either way."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = structure(seed=0, extent=13)
+    use_torch_compile(False)
+    plain = forward_backward(model(0), x)
+    use_torch_compile(backend=counting, fullgraph=True, min_rows=len(x) + 1)
+    small = forward_backward(model(0), x)
+    assert graphs == []
+    use_torch_compile(backend=counting, fullgraph=True, min_rows=len(x))
+    big = forward_backward(model(0), x)
+    assert len(graphs) >= 2
+    for a, b, c in zip(plain, small, big):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
 def pointnet_features(net: LocalPointNet, seed: int, count: int):
     """(features, point and parameter gradients) of the PointNet on `count` random oriented points at R = 6."""
     g = torch.Generator().manual_seed(seed)
