@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from focusing.image_to_3d import load_generator, sampler_for
     from focusing.io import write_text_atomic
-    from focusing.train.config import to_dict
     from focusing.render.images import save_png
+    from focusing.train.config import to_dict
     from focusing.train.logs import image_grid
 
     out = Path(args.out)

@@ -49,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
     from focusing.io import save_mesh
 
     image = load_image(args.image)  # before loading the models: a bad image fails at once
-    if args.rescale_t is not None and args.rescale_t <= 0:
-        raise FocusingError(f"--rescale-t must be > 0, got {args.rescale_t}")
     gen = load_generator(args.checkpoint, device=args.device)
-    sampler = sampler_for(gen, steps=args.steps, rescale_t=args.rescale_t, cfg=args.cfg)
+    try:
+        sampler = sampler_for(gen, steps=args.steps, rescale_t=args.rescale_t, cfg=args.cfg)
+    except ValueError as exc:  # SamplerConfig's own checks
+        raise FocusingError(str(exc)) from None
     with tqdm(total=2 * sampler.steps, desc="generate", disable=args.quiet, file=sys.stderr,
               dynamic_ncols=True) as bar:
         mesh = generate(gen, image, seed=args.seed, structure_sampler=sampler, latent_sampler=sampler,

@@ -187,7 +187,7 @@ class SparseTransformerBlock(nn.Module):
         """The block on packed rows `[T, C]` that hold whole windows (`part`: their own partition)."""
         attn, mlp = self.attn, self.mlp
         qkv = fused(attention_input, len(rows))(rows, self.norm1.weight, self.norm1.bias, attn.to_qkv.weight,
-                                           attn.to_qkv.bias, self.norm1.eps, _autocast_dtype(rows))
+                                                attn.to_qkv.bias, self.norm1.eps, _autocast_dtype(rows))
         return fused(attention_output_and_mlp, len(rows))(
             rows, attn.attend_qkv(qkv, part), attn.to_out.weight, attn.to_out.bias, self.norm2.weight,
             self.norm2.bias, self.norm2.eps, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
