@@ -302,8 +302,8 @@ def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk:
     """The experiment config `name` (configs/<name>.yaml or a path) with the checkpointing variant applied:
     config (as written), none, pointnet (PointNet chunks of `pointnet_chunk` points only), blocks (transformer
     blocks), all (blocks in checkpointed chunks of whole windows of `block_chunk` voxels, runs of `block_group`
-    blocks checkpointed as one, their inputs in host memory if `offload`, PointNet chunks of `pointnet_chunk`
-    points)."""
+    blocks checkpointed as one, their inputs in host memory if `offload` (then no stored blocks: the runs recompute),
+    PointNet chunks of `pointnet_chunk` points)."""
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / f"{name}.yaml"
     cfg = load_experiment(path)
     if checkpointing != "config":
@@ -312,6 +312,8 @@ def experiment(name: str, checkpointing: str, image: int | None, pointnet_chunk:
         cfg.model.block_chunk = block_chunk if checkpointing == "all" else 0
         cfg.model.block_group = block_group if checkpointing == "all" else 0
         cfg.model.block_offload = offload and checkpointing == "all"
+        if cfg.model.block_offload or cfg.model.block_group > 1:
+            cfg.model.store_rows = 0
     if image:
         cfg.views.image_size = image
     return cfg
@@ -474,7 +476,8 @@ def _label(row: dict) -> str:
     return (row["config"] + ("" if row["checkpointing"] == "config" else f" ({row['checkpointing']})")
             + (" compiled" if row.get("compiled") else "")
             + (f" >= {row['compile_min_rows']:,} rows" if row.get("compile_min_rows") else "")
-            + (" bf16-stream" if row.get("stream_dtype", "float32") != "float32" else ""))
+            + (" bf16-stream" if row.get("stream_dtype", "float32") != "float32" else "")
+            + (f" storing {row['store_rows']:,} rows" if row.get("store_rows") else ""))
 
 
 # ---------------------------------------------------------------------------------------------- ratios
@@ -676,6 +679,9 @@ def parse_args(argv):
                     "(VAEConfig.block_offload)")
     ap.add_argument("--stream-dtype", default=None, choices=("float32", "autocast"),
                     help="the transformers' residual stream (VAEConfig.stream_dtype; default: the config's)")
+    ap.add_argument("--store-rows", type=int, default=None,
+                    help="per transformer, voxel-blocks of activations kept instead of recomputed "
+                    "(VAEConfig.store_rows; default: the config's)")
     ap.add_argument("--compile-min-rows", type=int, default=0,
                     help="with --compile: transformer blocks on fewer voxels run uncompiled (use_torch_compile's "
                     "min_rows)")
@@ -721,6 +727,8 @@ def parse_args(argv):
                 setattr(args, key, value)
     if args.offload and args.block_group < 1:
         ap.error("--offload needs --block-group >= 1 (the runs of blocks whose inputs go to host memory)")
+    if args.store_rows and (args.offload or args.block_group > 1):
+        ap.error("--store-rows does not combine with --block-group / --offload (their runs recompute)")
     for v in args.checkpointing.split(","):
         if v not in CHECKPOINTING:
             ap.error(f"--checkpointing {v!r}: choose from {', '.join(CHECKPOINTING)}")
@@ -798,6 +806,8 @@ def main(argv=None) -> dict:
                                  args.block_group, args.offload)
                 if args.stream_dtype:
                     cfg.model.stream_dtype = args.stream_dtype
+                if args.store_rows is not None:
+                    cfg.model.store_rows = args.store_rows
                 torch.manual_seed(args.seed)
                 model = FocusingVAE(cfg.model).to(device).train()
                 points = args.points or cfg.data.points
@@ -816,7 +826,7 @@ def main(argv=None) -> dict:
                             row = {"config": config_name, "checkpointing": ckpt, "mesh": name, "resolution": R,
                                    "mode": mode, "points": points, "batch_build_s": build_s, "compiled": args.compile,
                                    "compile_min_rows": args.compile_min_rows if args.compile else 0,
-                                   "stream_dtype": cfg.model.stream_dtype}
+                                   "stream_dtype": cfg.model.stream_dtype, "store_rows": cfg.model.store_rows}
                             if out_of_time():
                                 row.update(status="not run", error="--max-minutes reached")
                             else:

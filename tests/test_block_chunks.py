@@ -126,6 +126,33 @@ def test_grouped_blocks_equal_the_plain_transformer(block_chunk):
     assert_same_results(*results)
 
 
+@pytest.mark.parametrize("use_checkpoint,block_chunk", [(True, 0), (False, CHUNK), (True, CHUNK)])
+def test_stored_blocks_equal_the_recomputed_ones_and_run_once(use_checkpoint, block_chunk):
+    """`store_rows`: the first store_rows // N blocks keep their activations (one forward each), the others are
+    recomputed in the backward (two), with the same values and gradients. It would fail if the budget picked
+    other blocks, if a stored block were still checkpointed or chunked, or if storing changed the result."""
+    x = structure()
+    results, calls = [], []
+    for store_rows in (0, 2 * len(x) + 1, 10 * len(x)):  # none, the first 2 of 4, all
+        torch.manual_seed(3)
+        model = SparseTransformer(16, 32, 8, num_blocks=4, num_heads=4, window_size=4, use_checkpoint=use_checkpoint,
+                                  block_chunk=block_chunk, store_rows=store_rows).double()
+        count = [0] * 4
+        for i, block in enumerate(model.blocks):  # a block runs `_chunk` once per chunk, or once whole
+            block._chunk = lambda *a, i=i, f=block._chunk: count.__setitem__(i, count[i] + 1) or f(*a)
+        results.append(forward_backward(model, x))
+        calls.append(count)
+    chunks = [len(window_chunks(window_partition(x, 4, b.attn.shift), block_chunk)) if block_chunk else 1
+              for b in model.blocks]
+    assert calls[0] == [2 * c for c in chunks] and max(chunks) > 1 if block_chunk else calls[0] == [2] * 4, calls
+    assert calls[1][:2] == [1, 1] and calls[1][2:] == calls[0][2:], calls
+    assert calls[2] == [1] * 4, calls
+    assert_same_results(results[0], results[1])
+    assert_same_results(results[0], results[2])
+    with pytest.raises(ValueError, match="store_rows"):
+        SparseTransformer(16, 32, 8, num_blocks=4, num_heads=4, store_rows=100, block_group=2)
+
+
 def test_vae_config_passes_the_chunking_to_encoder_and_decoder():
     tiny = dict(pointnet_channels=16, pointnet_hidden=8, pointnet_blocks=2, encoder_channels=16, encoder_blocks=2,
                 decoder_channels=16, decoder_blocks=2, head_channels=8, window_size=4, pos_embedding="absolute",

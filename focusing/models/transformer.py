@@ -192,8 +192,11 @@ class SparseTransformerBlock(nn.Module):
             rows, attn.attend_qkv(qkv, part), attn.to_out.weight, attn.to_out.bias, self.norm2.weight,
             self.norm2.bias, self.norm2.eps, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor, store: bool = False) -> SparseTensor:
+        """store: keep this call's activations for the backward (no chunks, no checkpoint), whatever the settings."""
         part = window_partition(x, self.attn.window_size, self.attn.shift)  # cached outside the checkpointed code
+        if store:
+            return x.replace(self._forward(x.feats, x))
         if 0 < self.chunk_tokens < len(x):
             chunks = window_chunks(part, self.chunk_tokens)
             rows = part.order.split([len(c.order) for c in chunks])  # each chunk's voxels, in window order
@@ -219,6 +222,10 @@ class SparseTransformer(nn.Module):
         keep it in fp32; "autocast": cast to the autocast dtype after the position embedding (TRELLIS's fp16
         blocks), which halves the stored block inputs and the per-voxel traffic around the matmuls but rounds the
         stream to bf16 / fp16 (the LayerNorms still compute in fp32). Without autocast both are the same.
+    store_rows: a budget of stored activations, in voxel-blocks: with gradients on, the first `store_rows // N`
+        blocks on N voxels keep their activations for the backward (neither chunked nor recomputed), the others
+        follow use_checkpoint / block_chunk. Spends spare memory on less recomputation (a small decoded set keeps
+        all its blocks, a large encoded one few or none); same result. Not with block_group / block_offload.
     """
 
     def __init__(
@@ -239,13 +246,17 @@ class SparseTransformer(nn.Module):
         block_group: int = 0,
         block_offload: bool = False,
         stream_dtype: str = "float32",
+        store_rows: int = 0,
     ):
         super().__init__()
+        if store_rows and (block_offload or block_group > 1):
+            raise ValueError("store_rows does not combine with block_group / block_offload (their runs recompute)")
         if block_offload and block_group < 1:
             raise ValueError("block_offload needs block_group >= 1 (the runs whose inputs go to host memory)")
         if stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"stream_dtype must be one of {STREAM_DTYPES}, got {stream_dtype!r}")
         self.block_group, self.block_offload, self.stream_dtype = block_group, block_offload, stream_dtype
+        self.store_rows = store_rows
         if pos_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"pos_embedding must be one of {POSITION_EMBEDDINGS}, got {pos_embedding!r}")
         self.input_layer = nn.Linear(in_channels, model_channels)
@@ -286,12 +297,14 @@ class SparseTransformer(nn.Module):
                 else:
                     h = checkpoint(self._run_blocks, h, x, start, start + g, use_reentrant=False)
         else:
-            h = self._run_blocks(h, x, 0, n)
+            stored = self.store_rows // max(len(x), 1) if torch.is_grad_enabled() else 0
+            h = self._run_blocks(h, x, 0, n, stored)
         return x.replace(self.out_layer(self.out_norm(_at_least_fp32(h))))
 
-    def _run_blocks(self, feats: torch.Tensor, x: SparseTensor, start: int, stop: int) -> torch.Tensor:
-        """Blocks `start:stop` on feats `[N, C]` (on x's voxels) -> `[N, C]`."""
+    def _run_blocks(self, feats: torch.Tensor, x: SparseTensor, start: int, stop: int, stored: int = 0) -> torch.Tensor:
+        """Blocks `start:stop` on feats `[N, C]` (on x's voxels) -> `[N, C]`; the first `stored` keep their
+        activations (`SparseTransformerBlock.forward`'s store)."""
         h = x.replace(feats)
-        for block in self.blocks[start:stop]:
-            h = block(h)
+        for i, block in enumerate(self.blocks[start:stop]):
+            h = block(h, store=i < stored)
         return h.feats

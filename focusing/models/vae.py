@@ -63,6 +63,7 @@ class VAEConfig:
     block_group: int = 0  # blocks per outer checkpoint over the blocks (0: none; less memory, one more forward)
     block_offload: bool = False  # the block_group runs' inputs wait in host memory for the backward (same result)
     stream_dtype: str = "float32"  # the residual stream between blocks: "float32" or "autocast" (bf16 under AMP)
+    store_rows: int = 0  # per transformer, voxel-blocks of activations kept instead of recomputed (0: none; same result)
     freeze_pointnet: bool = False  # keep the PointNet fixed (e.g. after pre-training it with the rest)
     resolution: int = 1024  # output resolution the model is trained for (the default of `reconstruct`)
 
@@ -74,6 +75,8 @@ class VAEConfig:
                                  f"{self.head_channels}")
         if len(self.upsample_channels) != 2:
             raise ValueError(f"upsample_channels needs 2 entries (R/2, R), got {self.upsample_channels}")
+        if self.store_rows and (self.block_offload or self.block_group > 1):
+            raise ValueError("store_rows does not combine with block_group / block_offload (their runs recompute)")
         if self.block_offload and self.block_group < 1:
             raise ValueError("block_offload needs block_group >= 1 (the runs of blocks whose inputs go to host memory)")
         if self.resolution % LATENT_FACTOR:
@@ -173,6 +176,7 @@ class FocusingVAE(nn.Module):
             mlp_ratio=c.mlp_ratio, window_size=c.window_size, use_checkpoint=c.use_checkpoint,
             qk_rms_norm=c.qk_rms_norm, pos_embedding=c.pos_embedding, block_chunk=c.block_chunk,
             block_group=c.block_group, block_offload=c.block_offload, stream_dtype=c.stream_dtype,
+            store_rows=c.store_rows,
         )
         self.encoder = SparseTransformer(
             c.pointnet_channels, c.encoder_channels, 2 * c.latent_channels, c.encoder_blocks,

@@ -278,6 +278,7 @@ class TrainConfig:
     ema_start: int = 0  # before this step the EMA just copies the weights
     amp: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on CUDA (fp16 adds a grad scaler); CPU runs fp32
     compile: bool = False  # torch.compile the hot spots' per-element math (focusing.device.use_torch_compile)
+    compile_min_rows: int = 0  # with compile: blocks on fewer voxels run uncompiled (faster on small sets)
     log_every: int = 10  # steps between scalar records (means over the interval)
     image_every: int = 1000  # steps between PNG grids of the objective's images (0 = never)
     checkpoint_every: int = 1000  # steps between checkpoints (0 = only at the end and at the time limit)
@@ -295,7 +296,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         nonneg = {"min_lr": self.min_lr, "weight_decay": self.weight_decay, "warmup_steps": self.warmup_steps,
                   "grad_clip": self.grad_clip, "ema_start": self.ema_start, "image_every": self.image_every,
-                  "checkpoint_every": self.checkpoint_every}
+                  "checkpoint_every": self.checkpoint_every, "compile_min_rows": self.compile_min_rows}
         for name, value in nonneg.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

@@ -83,7 +83,7 @@ class Trainer:
             raise FocusingError("the model has no trainable parameters")
         cuda = self.device.type == "cuda"
         if cfg.compile:  # the same math in fewer kernels; the first step compiles
-            use_torch_compile()
+            use_torch_compile(min_rows=cfg.compile_min_rows)
         self.amp_dtype = _AMP[cfg.amp] if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
