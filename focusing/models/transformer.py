@@ -194,9 +194,9 @@ class SparseTransformerBlock(nn.Module):
 
     def forward(self, x: SparseTensor, store: bool = False) -> SparseTensor:
         """store: keep this call's activations for the backward (no chunks, no checkpoint), whatever the settings."""
-        part = window_partition(x, self.attn.window_size, self.attn.shift)  # cached outside the checkpointed code
         if store:
             return x.replace(self._forward(x.feats, x))
+        part = window_partition(x, self.attn.window_size, self.attn.shift)  # cached outside the checkpointed code
         if 0 < self.chunk_tokens < len(x):
             chunks = window_chunks(part, self.chunk_tokens)
             rows = part.order.split([len(c.order) for c in chunks])  # each chunk's voxels, in window order

@@ -63,7 +63,7 @@ class VAEConfig:
     block_group: int = 0  # blocks per outer checkpoint over the blocks (0: none; less memory, one more forward)
     block_offload: bool = False  # the block_group runs' inputs wait in host memory for the backward (same result)
     stream_dtype: str = "float32"  # the residual stream between blocks: "float32" or "autocast" (bf16 under AMP)
-    store_rows: int = 0  # per transformer, voxel-blocks of activations kept instead of recomputed (0: none; same result)
+    store_rows: int = 0  # per transformer: voxel-blocks of activations kept, not recomputed (0: none; same result)
     freeze_pointnet: bool = False  # keep the PointNet fixed (e.g. after pre-training it with the rest)
     resolution: int = 1024  # output resolution the model is trained for (the default of `reconstruct`)
 
